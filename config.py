@@ -1,0 +1,50 @@
+"""DifferNet settings: edit a value here, or override it with `python main.py --NAME VALUE`.
+
+Values only, one comment each; nothing runs on import. Defaults are the paper's values and the
+official implementation's (marco-rudolph/differnet, commit 9bdf026) unless a comment says otherwise.
+"""
+
+# --- data ---
+dataset_path = 'data/demo'  # folder holding one sub-folder per class; 'data/demo' is generated on first use
+class_name = 'demo_washer'  # class folder to train on; a comma-separated list runs several classes
+results_dir = ''  # where results.json goes; '' makes a fresh folder under results/
+img_size = 448  # side of the square network input in pixels (paper: 448)
+
+# --- augmentation ---
+transf_rotations = True  # random rotation in [-180, 180] degrees for training and test views
+transf_brightness = 0.0  # ColorJitter brightness factor (0 disables)
+transf_contrast = 0.0  # ColorJitter contrast factor (0 disables)
+transf_saturation = 0.0  # ColorJitter saturation factor (0 disables)
+norm_mean = (0.485, 0.456, 0.406)  # ImageNet channel means used by the pretrained AlexNet
+norm_std = (0.229, 0.224, 0.225)  # ImageNet channel standard deviations
+fixed_test_rotations = False  # deviation: test views at angles i*360/n instead of random ones
+
+# --- network ---
+n_scales = 3  # input scales 448, 224, 112: 256 features each, concatenated
+n_coupling_blocks = 8  # GLOW coupling blocks in the flow
+clamp_alpha = 3.0  # soft clamp alpha of the coupling scales
+fc_internal = 2048  # hidden width of each coupling subnet
+dropout = 0.0  # dropout before each ReLU of the subnets
+pretrained = True  # ImageNet AlexNet weights; False gives random weights (tests only, printed loudly)
+weights_path = ''  # optional local AlexNet weights (.pth): full torchvision state dict or `features` one
+
+# --- optimisation ---
+lr_init = 2e-4  # Adam learning rate
+adam_betas = (0.8, 0.8)  # Adam betas
+adam_eps = 1e-4  # Adam epsilon
+weight_decay = 1e-5  # Adam (L2) weight decay
+adam_fused = True  # speed-up: fused Adam kernel, same update up to float rounding (False = PyTorch default)
+meta_epochs = 24  # evaluations on the test set; training runs meta_epochs x sub_epochs epochs
+sub_epochs = 8  # training epochs between two evaluations
+n_transforms = 4  # random views of each training image per epoch
+n_transforms_test = 64  # random views of each test image; its score is the mean z^2 over them
+batch_size = 24  # training images per step (each with n_transforms views: 96 feature vectors)
+batch_size_test = 1  # test images per flow pass (official: batch_size * n_transforms // n_transforms_test)
+extract_batch_size = 16  # views per AlexNet pass; memory only, the features do not depend on it
+
+# --- run ---
+seed = 0  # seeds Python, numpy and torch; the same seed on CPU gives the same numbers
+device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'
+num_workers = 0  # DataLoader worker processes decoding and augmenting images
+verbose = True  # print the loss of every sub epoch and the AUROC of every meta epoch
+hide_tqdm_bar = True  # hide progress bars (official default)

@@ -1,0 +1,199 @@
+"""DifferNet (Rudolph, Wandt, Rosenhahn, WACV 2021): train on defect-free images, report image AUROC.
+
+    python main.py                                   # the demo set, paper settings
+    python main.py --dataset_path ../shared/data/mvtec --class_name bottle
+    python main.py --help                            # every setting of config.py, overridable here
+
+The story: read config.py and the command line, then for each class find its images, build the network
+with ImageNet AlexNet weights, train the flow, print the AUROC after every meta epoch, save results.json.
+"""
+import argparse
+import ast
+import datetime
+import difflib
+import json
+import os
+import re
+import sys
+import types
+
+import config as default_config
+from utils import UserError
+
+PAPER_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
+
+
+def config_defaults():
+    """{name: value} of config.py, in file order."""
+    return {name: getattr(default_config, name) for name in config_comments()}
+
+
+def config_comments():
+    """{name: one-line comment} read from config.py, in file order."""
+    comments = {}
+    with open(PAPER_CONFIG_FILE) as handle:
+        for line in handle:
+            match = re.match(r'^(\w+) = .*?  # (.*)$', line.rstrip('\n'))
+            if match:
+                comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def build_config(**overrides):
+    """The effective configuration: config.py's values with `overrides` on top (tests build tiny ones).
+
+    Raises UserError for a name config.py does not have.
+    """
+    values = config_defaults()
+    for name, value in overrides.items():
+        if name not in values:
+            close = difflib.get_close_matches(name, values, n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise UserError(f"unknown setting '{name}'{hint}; see python main.py --help")
+        values[name] = value
+    return types.SimpleNamespace(**values)
+
+
+def parse_value(text, default):
+    """Parses a command-line string as the type of the config default it replaces."""
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ('true', '1', 'yes', 'on'):
+            return True
+        if lowered in ('false', '0', 'no', 'off'):
+            return False
+        raise ValueError('expected true or false')
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, (tuple, list)):
+        items = [item for item in text.replace('(', '').replace(')', '').split(',') if item.strip()]
+        return tuple(type(default[0])(ast.literal_eval(item.strip())) for item in items)
+    return text
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        match = re.search(r'unrecognized arguments: (--?[\w-]+)', message)
+        if match:
+            close = difflib.get_close_matches(match.group(1).lstrip('-'), config_defaults(), n=1)
+            if close:
+                message += f' (did you mean --{close[0]}?)'
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def parse_command_line(argv):
+    """Returns (config, other options). Every config.py value is an option `--name VALUE`."""
+    parser = ConfigArgumentParser(
+        prog='main.py', allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Train DifferNet and report image-level AUROC per meta epoch. '
+                    'Every setting of config.py can be given here.')
+    defaults = config_defaults()
+    for name, comment in config_comments().items():
+        default = defaults[name]
+
+        def typed(text, default=default, name=name):
+            try:
+                return parse_value(text, default)
+            except (ValueError, SyntaxError):
+                raise argparse.ArgumentTypeError(
+                    f"--{name} expects {type(default).__name__} like {default!r}, got '{text}'") from None
+        parser.add_argument(f'--{name}', type=typed, default=default, metavar='VALUE',
+                            help=f'{comment} (default: {default!r})')
+    args = parser.parse_args(argv)
+    return build_config(**{name: getattr(args, name) for name in defaults}), args
+
+
+def class_names(config):
+    names = config.class_name
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(',')]
+    return [name for name in names if name]
+
+
+def fresh_results_dir(config):
+    """`results_dir` if given (created), else results/<date>_<time>_<classes>, never an existing one."""
+    if config.results_dir:
+        os.makedirs(config.results_dir, exist_ok=True)
+        return config.results_dir
+    stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
+    base = os.path.join('results', f"{stamp}_{'_'.join(class_names(config))[:60]}")
+    path, suffix = base, 1
+    while os.path.exists(path):
+        suffix += 1
+        path = f'{base}_{suffix}'
+    os.makedirs(path)
+    return path
+
+
+def write_json_atomic(path, data):
+    with open(path + '.part', 'w') as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(path + '.part', path)
+
+
+def run_class(config, class_name, device):
+    """Trains and evaluates one class; returns its results entry."""
+    from model import build_model
+    from train import train_class
+    from utils import MultiViewDataset, check_images_readable, find_class_samples, seed_everything
+
+    train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
+    check_images_readable([path for path, _, _ in train_samples + test_samples])
+    n_anomalous = sum(label for _, label, _ in test_samples)
+    print(f'\n=== {class_name}: {len(train_samples)} training images x {config.n_transforms} views, '
+          f'{len(test_samples)} test images ({n_anomalous} anomalous) x {config.n_transforms_test} views, '
+          f'{config.meta_epochs} x {config.sub_epochs} epochs, device {device}', flush=True)
+    seed_everything(config.seed)
+    model, weights_source = build_model(config)
+    print(f'AlexNet weights: {weights_source}', flush=True)
+    train_set = MultiViewDataset(train_samples, config.n_transforms, config)
+    test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
+                                fixed_rotations=config.fixed_test_rotations)
+    history = train_class(model, train_set, test_set, config, device, log=lambda line: print(line, flush=True))
+    history['test_files'] = [os.path.relpath(path, config.dataset_path) for path, _, _ in test_samples]
+    return dict(class_name=class_name, weights_source=weights_source, n_train_images=len(train_samples),
+                n_test_images=len(test_samples), **history)
+
+
+def summary_table(results):
+    lines = ['| Class | Last AUROC | Max AUROC | Max AUROC Epoch |', '|---|---|---|---|']
+    for entry in results:
+        lines.append(f"| {entry['class_name']} | {entry['last_auroc']:.4f} | {entry['max_auroc']:.4f} "
+                     f"| {entry['max_auroc_epoch']} |")
+    return '\n'.join(lines)
+
+
+def run(config):
+    """Runs every requested class; returns the results folder."""
+    from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, resolve_device
+
+    device = resolve_device(config.device)
+    if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
+        print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
+    results_dir = fresh_results_dir(config)
+    results = {'config': vars(config), 'classes': []}
+    for class_name in class_names(config):
+        results['classes'].append(run_class(config, class_name, device))
+        write_json_atomic(os.path.join(results_dir, 'results.json'), results)
+    print('\n' + summary_table(results['classes']))
+    print(f'\nResults: {os.path.join(results_dir, "results.json")}')
+    return results_dir
+
+
+def main(argv=None):
+    try:
+        config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
+        run(config)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

