@@ -42,6 +42,14 @@ batch_size = 24  # training images per step (each with n_transforms views: 96 fe
 batch_size_test = 1  # test images per flow pass (official: batch_size * n_transforms // n_transforms_test)
 extract_batch_size = 16  # views per AlexNet pass; memory only, the features do not depend on it
 
+# --- speed (see README, Performance: each measured against the official behaviour) ---
+train_feature_pool = 0  # K > 0: extract K random views per training image once, draw n_transforms per epoch from them
+cache_test_features = True  # deviation: draw the test views once per class (from the seed) and reuse them every meta epoch
+feature_cache = True  # keep extracted pool/test features on disk, keyed by files, settings, seed and weights
+feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
+channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
+bf16_autocast = False  # speed-up: bfloat16 autocast for AlexNet and the flow (changes numbers; see README)
+
 # --- run ---
 seed = 0  # seeds Python, numpy and torch; the same seed on CPU gives the same numbers
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'

@@ -105,6 +105,31 @@ def parse_command_line(argv):
     return build_config(**{name: getattr(args, name) for name in defaults}), args
 
 
+MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
+POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
+                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size')
+
+
+def validate_config(config):
+    """Raises UserError for values that cannot work, naming the value and the fix."""
+    for name in POSITIVE_INTEGERS:
+        if getattr(config, name) < 1:
+            raise UserError(f'{name} = {getattr(config, name)} must be at least 1')
+    smallest = config.img_size // 2 ** (config.n_scales - 1)
+    if smallest < MIN_ALEXNET_INPUT:
+        raise UserError(f'img_size {config.img_size} with n_scales {config.n_scales} makes a smallest scale of '
+                        f'{smallest} px; AlexNet needs at least {MIN_ALEXNET_INPUT}: raise img_size or lower n_scales')
+    if not 0 <= config.dropout < 1:
+        raise UserError(f'dropout = {config.dropout} must be in [0, 1)')
+    if config.train_feature_pool and config.train_feature_pool < config.n_transforms:
+        raise UserError(f'train_feature_pool = {config.train_feature_pool} is below n_transforms = '
+                        f'{config.n_transforms}; use 0 (on-line views) or at least {config.n_transforms}')
+    if config.num_workers < 0:
+        raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
+    if not class_names(config):
+        raise UserError("class_name is empty; name a class folder, e.g. --class_name bottle")
+
+
 def class_names(config):
     names = config.class_name
     if isinstance(names, str):
@@ -137,7 +162,7 @@ def run_class(config, class_name, device):
     """Trains and evaluates one class; returns its results entry."""
     from model import build_model
     from train import train_class
-    from utils import MultiViewDataset, check_images_readable, find_class_samples, seed_everything
+    from utils import check_images_readable, find_class_samples, seed_everything
 
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
     check_images_readable([path for path, _, _ in train_samples + test_samples])
@@ -148,10 +173,8 @@ def run_class(config, class_name, device):
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
-    train_set = MultiViewDataset(train_samples, config.n_transforms, config)
-    test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
-                                fixed_rotations=config.fixed_test_rotations)
-    history = train_class(model, train_set, test_set, config, device, log=lambda line: print(line, flush=True))
+    history = train_class(model, train_samples, test_samples, config, device,
+                          log=lambda line: print(line, flush=True))
     history['test_files'] = [os.path.relpath(path, config.dataset_path) for path, _, _ in test_samples]
     return dict(class_name=class_name, weights_source=weights_source, n_train_images=len(train_samples),
                 n_test_images=len(test_samples), **history)
@@ -167,11 +190,14 @@ def summary_table(results):
 
 def run(config):
     """Runs every requested class; returns the results folder."""
-    from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, resolve_device
+    from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, find_class_samples, resolve_device
 
+    validate_config(config)
     device = resolve_device(config.device)
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
+    for class_name in class_names(config):  # a mistyped class fails now, not after hours of another
+        find_class_samples(config.dataset_path, class_name)
     results_dir = fresh_results_dir(config)
     results = {'config': vars(config), 'classes': []}
     for class_name in class_names(config):

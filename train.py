@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from freia_funcs import nll_loss
+from utils import (MultiViewDataset, feature_cache_key, load_cached_features,
+                   save_cached_features)
 
 
 class ScoreObserver:
@@ -47,10 +49,26 @@ def make_loader(dataset, batch_size, shuffle, config):
                       persistent_workers=config.num_workers > 0)
 
 
-def extract_view_features(model, views, chunk_size):
-    """Features (N, D) of the views (N, 3, s, s), without gradient, `chunk_size` views per AlexNet pass."""
-    with torch.no_grad():
-        return torch.cat([model.features(chunk) for chunk in views.split(chunk_size)])
+def autocast(config, device):
+    """bfloat16 autocast when `bf16_autocast` is set, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(config.bf16_autocast))
+
+
+def prepare_extractor(model, config):
+    if config.channels_last:
+        model.feature_extractor.to(memory_format=torch.channels_last)
+
+
+def extract_view_features(model, views, config):
+    """Features (N, D) in float32 of the views (N, 3, s, s), without gradient, `extract_batch_size` views
+    per AlexNet pass."""
+    features = []
+    with torch.no_grad(), autocast(config, views.device):
+        for chunk in views.split(config.extract_batch_size):
+            if config.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            features.append(model.features(chunk).float())
+    return torch.cat(features)
 
 
 def iterate_features(model, loader, device, config, description=''):
@@ -59,7 +77,7 @@ def iterate_features(model, loader, device, config, description=''):
     for views, labels in bar:
         n_images, n_views = views.shape[:2]
         flat = views.to(device, non_blocking=True).view(-1, *views.shape[2:])
-        yield extract_view_features(model, flat, config.extract_batch_size).view(n_images, n_views, -1), labels
+        yield extract_view_features(model, flat, config).view(n_images, n_views, -1), labels
 
 
 def extract_all_features(model, loader, device, config, description=''):
@@ -71,11 +89,33 @@ def extract_all_features(model, loader, device, config, description=''):
     return torch.cat(features), torch.cat(labels).numpy()
 
 
-def flow_step(model, optimizer, features):
+def fixed_view_features(model, samples, n_views, view_seed, config, device, description, log=print,
+                        fixed_rotations=False):
+    """Features (N_images, n_views, D) of views drawn once from `view_seed`, from the disk cache when
+    it holds exactly these files, settings, seed and weights; computed (and stored) otherwise."""
+    dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
+    key = None
+    if config.feature_cache:
+        key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config)
+        cached = load_cached_features(config.feature_cache_dir, key)
+        if cached is not None:
+            log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
+            return cached[0].to(device), cached[1]
+    started = time.time()
+    features, labels = extract_all_features(model, make_loader(dataset, max(1, config.extract_batch_size // n_views),
+                                                               False, config), device, config, description)
+    log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
+    if key is not None:
+        save_cached_features(config.feature_cache_dir, key, features, labels)
+    return features, labels
+
+
+def flow_step(model, optimizer, features, config):
     """One Adam step on a batch of feature vectors (N, D); returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    z, log_jac_det = model.nf(features)
-    loss = nll_loss(z, log_jac_det)
+    with autocast(config, features.device):
+        z, log_jac_det = model.nf(features)
+    loss = nll_loss(z.float(), log_jac_det.float())
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -90,13 +130,14 @@ def pool_batches(pool, batch_size, n_views):
         yield pool[image_ids.unsqueeze(1), picks.to(pool.device)].reshape(-1, pool.shape[-1])
 
 
-def score_features(model, test_features, batch_size_test):
+def score_features(model, test_features, config):
     """Anomaly score of each image (mean z^2 over its views and dimensions) and the test loss (the mean
     over batches of `batch_size_test` images of the training loss), as the official evaluation."""
     scores, losses = [], []
-    with torch.no_grad():
-        for batch in test_features.split(batch_size_test):
+    with torch.no_grad(), autocast(config, test_features.device):
+        for batch in test_features.split(config.batch_size_test):
             z, log_jac_det = model.nf(batch.reshape(-1, batch.shape[-1]))
+            z, log_jac_det = z.float(), log_jac_det.float()
             losses.append(nll_loss(z, log_jac_det).item())
             scores.append(torch.mean(z.view(*batch.shape) ** 2, dim=(-2, -1)).float().cpu())
     return torch.cat(scores).numpy(), float(np.mean(losses))
@@ -109,36 +150,62 @@ def image_auroc(labels, scores):
     return float(roc_auc_score(labels, scores))
 
 
-def train_class(model, train_set, test_set, config, device, log=print):
-    """Trains the flow of `model` on `train_set`, evaluating on `test_set` after every meta epoch.
+TEST_VIEW_SEED_OFFSET = 1_000  # view seeds of the cached test views and of the training pool, kept
+POOL_VIEW_SEED_OFFSET = 2_000  # apart from each other and from the run's own torch seed
 
-    Returns the history: AUROC and test loss per meta epoch, train loss per sub epoch, last and max
-    AUROC with the 0-based meta epoch of the max, the test scores of the last epoch and the wall time.
+
+def train_class(model, train_samples, test_samples, config, device, log=print):
+    """Trains the flow of `model` on `train_samples`, evaluating on `test_samples` after every meta epoch.
+
+    Samples are (path, label, defect_type). Returns the history: AUROC and test loss per meta epoch,
+    train loss per sub epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores
+    of the last meta epoch and the wall time.
     """
     start = time.time()
     model.to(device)
+    prepare_extractor(model, config)
     optimizer = make_optimizer(model.nf, config)
     observer = ScoreObserver()
     history = {'auroc': [], 'test_loss': [], 'train_loss': []}
-    train_loader = make_loader(train_set, config.batch_size, True, config)
-    test_loader = make_loader(test_set, config.batch_size_test, False, config)
+
+    test_features = test_labels = pool = None
+    if config.cache_test_features:
+        test_features, test_labels = fixed_view_features(
+            model, test_samples, config.n_transforms_test, config.seed + TEST_VIEW_SEED_OFFSET, config, device,
+            'test views', log, fixed_rotations=config.fixed_test_rotations)
+    else:
+        test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
+                                    fixed_rotations=config.fixed_test_rotations)
+        test_loader = make_loader(test_set, config.batch_size_test, False, config)
+    if config.train_feature_pool > 0:
+        pool, _ = fixed_view_features(model, train_samples, config.train_feature_pool,
+                                      config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool', log)
+    else:
+        train_loader = make_loader(MultiViewDataset(train_samples, config.n_transforms, config),
+                                   config.batch_size, True, config)
+
     for meta_epoch in range(config.meta_epochs):
         model.train()
         if config.verbose:
             log(f'\nTrain epoch {meta_epoch}')
         epoch_losses = []
         for sub_epoch in range(config.sub_epochs):
-            features = iterate_features(model, train_loader, device, config, f'train {meta_epoch}.{sub_epoch}')
-            losses = [flow_step(model, optimizer, batch.reshape(-1, batch.shape[-1])) for batch, _ in features]
+            if pool is not None:
+                batches = pool_batches(pool, config.batch_size, config.n_transforms)
+            else:
+                batches = (features.reshape(-1, features.shape[-1]) for features, _ in iterate_features(
+                    model, train_loader, device, config, f'train {meta_epoch}.{sub_epoch}'))
+            losses = [flow_step(model, optimizer, batch, config) for batch in batches]
             epoch_losses.append(float(np.mean(losses)))
             if config.verbose:
                 log(f'Epoch: {meta_epoch}.{sub_epoch} \t train loss: {epoch_losses[-1]:.4f}')
         history['train_loss'].append(epoch_losses)
 
         model.eval()
-        test_features, labels = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
-        scores, test_loss = score_features(model, test_features, config.batch_size_test)
-        auroc = image_auroc(labels, scores)
+        if not config.cache_test_features:
+            test_features, test_labels = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
+        scores, test_loss = score_features(model, test_features, config)
+        auroc = image_auroc(test_labels, scores)
         observer.update(auroc, meta_epoch)
         history['auroc'].append(auroc)
         history['test_loss'].append(test_loss)
@@ -146,6 +213,6 @@ def train_class(model, train_set, test_set, config, device, log=print):
             log(f'Epoch: {meta_epoch} \t test_loss: {test_loss:.4f}')
         log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
     history.update(last_auroc=observer.last, max_auroc=observer.max_score, max_auroc_epoch=observer.max_epoch,
-                   test_scores=[float(s) for s in scores], test_labels=[int(l) for l in labels],
+                   test_scores=[float(s) for s in scores], test_labels=[int(l) for l in test_labels],
                    wall_time_s=round(time.time() - start, 2))
     return history

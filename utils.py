@@ -14,6 +14,8 @@ The official DifferNet layout, one folder per class under `dataset_path`:
 Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden files are ignored.
 """
 import difflib
+import hashlib
+import json
 import os
 import random
 
@@ -138,13 +140,17 @@ def fixed_angles(n_views):
 class MultiViewDataset(Dataset):
     """Each item is (views, label): `n_views` augmented copies of one image, stacked to (n, 3, s, s).
 
-    Random views draw from torch's generator, so a seeded run (and seeded DataLoader workers) repeats
-    them exactly. With `fixed_rotations` the views are rotated by i * 360 / n_views degrees instead.
+    Random views draw from torch's global generator (the official behaviour), so a seeded run repeats
+    them. With `view_seed` set, the views of item i are drawn from the seed (view_seed, i) instead,
+    whatever the order, batching or worker that loads it: the same image always gets the same views,
+    which is what lets extracted features be pooled and cached. With `fixed_rotations` the views are
+    rotated by i * 360 / n_views degrees.
     """
 
-    def __init__(self, samples, n_views, config, fixed_rotations=False):
+    def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None):
         self.samples = list(samples)
         self.n_views = n_views
+        self.view_seed = view_seed
         if fixed_rotations:
             self.view_transforms = [view_transform(config, angle) for angle in fixed_angles(n_views)]
         else:
@@ -156,11 +162,54 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, index):
         path, label, _ = self.samples[index]
         image = load_rgb(path)
-        return torch.stack([transform(image) for transform in self.view_transforms]), label
+        if self.view_seed is None:
+            return torch.stack([transform(image) for transform in self.view_transforms]), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.view_seed * 1_000_003 + index)
+            return torch.stack([transform(image) for transform in self.view_transforms]), label
 
     @property
     def labels(self):
         return np.array([label for _, label, _ in self.samples])
+
+
+# --- the disk cache of extracted features ------------------------------------------------------------
+
+FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
+                    'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
+
+
+def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config):
+    """A digest of everything extracted features depend on: each file (path, modification time, size),
+    the transform and extractor settings, the number of views, their seed, and the AlexNet weights."""
+    files = []
+    for path, label, defect_type in samples:
+        stat = os.stat(path)
+        files.append([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, label, defect_type])
+    key = {'files': files, 'n_views': n_views, 'view_seed': view_seed, 'fixed_rotations': fixed_rotations,
+           'weights': weights_digest, 'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def load_cached_features(cache_dir, key):
+    """(features, labels) stored under `key`, or None."""
+    path = os.path.join(cache_dir, f'features_{key}.pt')
+    if not os.path.isfile(path):
+        return None
+    try:
+        stored = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    if stored.get('key') != key:
+        return None
+    return stored['features'], stored['labels'].numpy()
+
+
+def save_cached_features(cache_dir, key, features, labels):
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f'features_{key}.pt')
+    torch.save({'key': key, 'features': features.cpu(), 'labels': torch.as_tensor(labels)}, path + '.part')
+    os.replace(path + '.part', path)
 
 
 # --- the embedded demo dataset -------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Speed and memory of DifferNet on this machine: prints one figure per line, asserts nothing.
+
+    python benchmarks/speed.py                      # components: extraction, flow step, evaluation, loading
+    python benchmarks/speed.py --full_run default   # + wall time and peak memory of a whole class run
+    python benchmarks/speed.py --full_run online --meta_epochs 4   # a shorter schedule of another mode
+
+Modes of --full_run (each a `python main.py` run on --dataset_path/--class_name, feature cache off):
+    default   config.py as it is
+    online    train_feature_pool = 0 (the official on-line augmentation), test cache on
+    official  train_feature_pool = 0, cache_test_features = False, channels_last = False, adam_fused = False
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from main import build_config  # noqa: E402
+from model import DifferNet, load_imagenet_alexnet_features  # noqa: E402
+from train import extract_view_features, flow_step, make_optimizer, score_features  # noqa: E402
+from utils import MultiViewDataset, find_class_samples  # noqa: E402
+
+MODES = {
+    'default': [],
+    'online': ['--train_feature_pool', '0'],
+    'official': ['--train_feature_pool', '0', '--cache_test_features', 'false', '--channels_last', 'false',
+                 '--adam_fused', 'false'],
+}
+
+
+def timed(function, repeats):
+    function()  # warm-up: allocator, oneDNN kernels
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_extraction(state, n_views, repeats):
+    for label, overrides in [('fp32', dict(channels_last=False)), ('fp32 channels-last', dict(channels_last=True)),
+                             ('bf16 autocast channels-last', dict(channels_last=True, bf16_autocast=True))]:
+        config = build_config(**overrides)
+        model = DifferNet(config, state).eval()
+        if config.channels_last:
+            model.feature_extractor.to(memory_format=torch.channels_last)
+        views = torch.randn(n_views, 3, config.img_size, config.img_size)
+        seconds = timed(lambda: extract_view_features(model, views, config), repeats)
+        print(f'extraction {label:30s} {n_views / seconds:7.1f} views/s  (batch {config.extract_batch_size}, '
+              f'{config.n_scales} scales, {config.img_size} px)', flush=True)
+
+
+def bench_flow(repeats, n_rows):
+    for label, overrides in [('fp32, torch Adam (default kernel)', dict(adam_fused=False)),
+                             ('fp32, fused Adam', dict(adam_fused=True)),
+                             ('bf16 autocast, fused Adam', dict(adam_fused=True, bf16_autocast=True))]:
+        config = build_config(**overrides)
+        torch.manual_seed(0)
+        model = DifferNet(config)
+        optimizer = make_optimizer(model.nf, config)
+        features = torch.randn(n_rows, model.n_features)
+        seconds = timed(lambda: flow_step(model, optimizer, features, config), repeats)
+        print(f'flow training step  {label:34s} {seconds:6.3f} s per {n_rows} feature vectors', flush=True)
+        test = torch.randn(83, config.n_transforms_test, model.n_features)
+        model.eval()
+        seconds = timed(lambda: score_features(model, test, config), 1)
+        print(f'evaluation (flow)   {label:34s} {seconds:6.2f} s for 83 images x {config.n_transforms_test} '
+              f'views', flush=True)
+        del model, optimizer
+
+
+def bench_loading(dataset_path, class_name, n_images):
+    config = build_config()
+    train, _ = find_class_samples(dataset_path, class_name)
+    dataset = MultiViewDataset(train[:n_images], config.n_transforms, config)
+    seconds = timed(lambda: [dataset[i] for i in range(len(dataset))], 1)
+    print(f'loading: decode + {config.n_transforms} views of {class_name} images: '
+          f'{len(dataset) / seconds:6.1f} images/s', flush=True)
+
+
+def full_run(mode, args):
+    command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--dataset_path', args.dataset_path,
+               '--class_name', args.class_name, '--feature_cache', 'false', '--seed', '0',
+               '--results_dir', os.path.join(args.results_dir, mode)] + MODES[mode]
+    if args.meta_epochs:
+        command += ['--meta_epochs', str(args.meta_epochs)]
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.time() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    auroc = [line for line in result.stdout.splitlines() if line.startswith('AUROC:')]
+    print(f'full run {mode:9s} {args.class_name} meta_epochs={args.meta_epochs or "config"}: '
+          f'{wall / 60:6.1f} min, peak resident memory {peak_gib:.2f} GiB (largest child so far), '
+          f'final {auroc[-1] if auroc else result.stderr.strip()[-200:]}', flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset_path', default=os.path.join(REPO_ROOT, '..', 'shared', 'data', 'mvtec'))
+    parser.add_argument('--class_name', default='bottle')
+    parser.add_argument('--extraction_views', type=int, default=64)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--full_run', nargs='*', default=[], choices=sorted(MODES))
+    parser.add_argument('--meta_epochs', type=int, default=0, help='shorter schedule for --full_run (0: config)')
+    parser.add_argument('--results_dir', default=os.path.join(REPO_ROOT, 'results', 'benchmark'))
+    parser.add_argument('--skip_components', action='store_true')
+    args = parser.parse_args()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU count {os.cpu_count()}', flush=True)
+    if not args.skip_components:
+        state, _ = load_imagenet_alexnet_features()
+        bench_extraction(state, args.extraction_views, args.repeats)
+        bench_flow(args.repeats, 96)
+        bench_loading(args.dataset_path, args.class_name, 24)
+    for mode in args.full_run:
+        full_run(mode, args)
+
+
+if __name__ == '__main__':
+    main()

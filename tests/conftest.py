@@ -1,0 +1,42 @@
+"""Shared test helpers: tiny configurations, tiny datasets, and where the reference files are."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from main import build_config  # noqa: E402
+
+GOLDEN_DIR = os.environ.get('DIFFERNET_GOLDEN', os.path.join(REPO_ROOT, '..', 'shared', 'golden'))
+DATA_DIR = os.environ.get('DIFFERNET_DATA', os.path.join(REPO_ROOT, '..', 'shared', 'data'))
+
+
+def tiny_config(**overrides):
+    """A configuration small enough for a CPU test: 1 scale of 64 px, a 2-block flow of width 32."""
+    values = dict(img_size=64, n_scales=1, n_coupling_blocks=2, fc_internal=32, meta_epochs=1,
+                  sub_epochs=1, n_transforms=2, n_transforms_test=2, batch_size=4, batch_size_test=2,
+                  extract_batch_size=8, pretrained=False, device='cpu', verbose=False, adam_fused=False)
+    values.update(overrides)
+    return build_config(**values)
+
+
+def write_image(path, color=(128, 128, 128), size=(40, 40), mode='RGB'):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+@pytest.fixture
+def official_tree(tmp_path):
+    """<root>/widget/{train/good, test/good, test/scratch, test/dent} with 3, 2, 2, 1 plain images."""
+    root = tmp_path / 'data'
+    rng = np.random.RandomState(0)
+    counts = {'train/good': 3, 'test/good': 2, 'test/scratch': 2, 'test/dent': 1}
+    for folder, count in counts.items():
+        for i in range(count):
+            color = tuple(int(v) for v in rng.randint(0, 255, size=3))
+            write_image(str(root / 'widget' / folder / f'{i:03d}.png'), color)
+    return root

@@ -1,0 +1,107 @@
+"""Datasets: labels, defect types, views, and the one-line errors for bad trees."""
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_image
+from utils import (MultiViewDataset, UserError, check_images_readable, ensure_demo_dataset,
+                   find_class_samples, fixed_angles)
+
+
+def test_labels_and_defect_types(official_tree):
+    train, test = find_class_samples(str(official_tree), 'widget')
+    assert [label for _, label, _ in train] == [0, 0, 0]
+    by_type = {}
+    for path, label, defect_type in test:
+        by_type.setdefault(defect_type, set()).add(label)
+        assert os.path.basename(os.path.dirname(path)) == defect_type
+    assert by_type == {'good': {0}, 'scratch': {1}, 'dent': {1}}
+    assert len(test) == 5
+
+
+def test_any_pillow_extension_and_hidden_files_ignored(official_tree):
+    folder = official_tree / 'widget' / 'train' / 'good'
+    write_image(str(folder / 'extra.bmp'))
+    write_image(str(folder / 'extra.JPG'))
+    (folder / '.directory').write_text('[Dolphin]')
+    train, _ = find_class_samples(str(official_tree), 'widget')
+    names = sorted(os.path.basename(path) for path, _, _ in train)
+    assert names == ['000.png', '001.png', '002.png', 'extra.JPG', 'extra.bmp']
+
+
+def test_views_shape_and_normalization(official_tree):
+    config = tiny_config()
+    train, _ = find_class_samples(str(official_tree), 'widget')
+    views, label = MultiViewDataset(train, 3, config)[0]
+    assert views.shape == (3, 3, 64, 64) and label == 0
+    assert views.dtype == torch.float32
+
+
+def test_random_views_follow_torch_seed(official_tree):
+    config = tiny_config()
+    path = str(official_tree / 'widget' / 'train' / 'good' / '000.png')
+    write_image(path, size=(40, 30))  # non-square: rotations change pixels
+    dataset = MultiViewDataset([(path, 0, 'good')], 4, config)
+    torch.manual_seed(7)
+    first = dataset[0][0]
+    torch.manual_seed(7)
+    assert torch.equal(first, dataset[0][0])
+    assert not torch.equal(first[0], first[1])
+
+
+def test_fixed_rotations_are_evenly_spaced(official_tree):
+    assert fixed_angles(4) == [0.0, 90.0, 180.0, 270.0]
+    config = tiny_config()
+    train, _ = find_class_samples(str(official_tree), 'widget')
+    dataset = MultiViewDataset(train, 4, config, fixed_rotations=True)
+    torch.manual_seed(0)
+    a = dataset[0][0]
+    torch.manual_seed(1)
+    assert torch.equal(a, dataset[0][0])
+
+
+@pytest.mark.parametrize('remove, message', [
+    ('widget/train/good', 'missing folder'),
+    ('widget/test/good', 'missing folder'),
+])
+def test_missing_folders(official_tree, remove, message):
+    import shutil
+    shutil.rmtree(official_tree / remove)
+    with pytest.raises(UserError, match=message):
+        find_class_samples(str(official_tree), 'widget')
+
+
+def test_empty_folder(official_tree):
+    folder = official_tree / 'widget' / 'train' / 'good'
+    for name in os.listdir(folder):
+        os.remove(folder / name)
+    with pytest.raises(UserError, match='no images in .*train.good'):
+        find_class_samples(str(official_tree), 'widget')
+
+
+def test_unknown_class_suggests_close_names(official_tree):
+    with pytest.raises(UserError, match='did you mean widget'):
+        find_class_samples(str(official_tree), 'widgit')
+    with pytest.raises(UserError, match='does not exist'):
+        find_class_samples(str(official_tree / 'nowhere'), 'widget')
+
+
+def test_unreadable_image_named(official_tree):
+    bad = official_tree / 'widget' / 'test' / 'dent' / 'broken.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')
+    _, test = find_class_samples(str(official_tree), 'widget')
+    with pytest.raises(UserError, match='broken.png'):
+        check_images_readable([path for path, _, _ in test])
+
+
+def test_demo_dataset_is_deterministic(tmp_path):
+    assert ensure_demo_dataset(str(tmp_path / 'a'))
+    assert not ensure_demo_dataset(str(tmp_path / 'a'))
+    ensure_demo_dataset(str(tmp_path / 'b'))
+    train, test = find_class_samples(str(tmp_path / 'a'), 'demo_washer')
+    assert len(train) == 8 and sum(label for _, label, _ in test) == 6
+    for path, _, _ in train + test:
+        twin = path.replace(str(tmp_path / 'a'), str(tmp_path / 'b'))
+        with open(path, 'rb') as one, open(twin, 'rb') as two:
+            assert one.read() == two.read()
