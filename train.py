@@ -154,12 +154,13 @@ TEST_VIEW_SEED_OFFSET = 1_000  # view seeds of the cached test views and of the 
 POOL_VIEW_SEED_OFFSET = 2_000  # apart from each other and from the run's own torch seed
 
 
-def train_class(model, train_samples, test_samples, config, device, log=print):
+def train_class(model, train_samples, test_samples, config, device, log=print, on_meta_epoch=None):
     """Trains the flow of `model` on `train_samples`, evaluating on `test_samples` after every meta epoch.
 
     Samples are (path, label, defect_type). Returns the history: AUROC and test loss per meta epoch,
     train loss per sub epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores
-    of the last meta epoch and the wall time.
+    of the last meta epoch and the wall time. `on_meta_epoch(meta_epoch, history, scores, is_new_max)`, if
+    given, is called after each evaluation (checkpoints hook in there).
     """
     start = time.time()
     model.to(device)
@@ -206,12 +207,14 @@ def train_class(model, train_samples, test_samples, config, device, log=print):
             test_features, test_labels = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
         scores, test_loss = score_features(model, test_features, config)
         auroc = image_auroc(test_labels, scores)
-        observer.update(auroc, meta_epoch)
+        is_new_max = observer.update(auroc, meta_epoch)
         history['auroc'].append(auroc)
         history['test_loss'].append(test_loss)
         if config.verbose:
             log(f'Epoch: {meta_epoch} \t test_loss: {test_loss:.4f}')
         log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
+        if on_meta_epoch is not None:
+            on_meta_epoch(meta_epoch, history, scores, is_new_max)
     history.update(last_auroc=observer.last, max_auroc=observer.max_score, max_auroc_epoch=observer.max_epoch,
                    test_scores=[float(s) for s in scores], test_labels=[int(l) for l in test_labels],
                    wall_time_s=round(time.time() - start, 2))
