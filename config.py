@@ -6,7 +6,7 @@ official implementation's (marco-rudolph/differnet, commit 9bdf026) unless a com
 
 # --- data ---
 dataset_path = 'data/demo'  # folder holding one sub-folder per class; 'data/demo' is generated on first use
-class_name = 'demo_washer'  # class folder to train on; a comma-separated list runs several classes
+class_name = 'demo_washer'  # class folder to train on; a comma-separated list runs several; 'all' runs every class
 results_dir = ''  # where results.json goes; '' makes a fresh folder under results/
 img_size = 448  # side of the square network input in pixels (paper: 448)
 
@@ -52,6 +52,7 @@ bf16_autocast = False  # speed-up: bfloat16 autocast for AlexNet and the flow (c
 
 # --- run ---
 seed = 0  # seeds Python, numpy and torch; the same seed on CPU gives the same numbers
+seeds = ()  # several seeds, e.g. 0,1,2: one run per (class, seed), tables give mean ± std; () runs `seed`
 device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'
 num_workers = 0  # DataLoader worker processes decoding and augmenting images
 verbose = True  # print the loss of every sub epoch and the AUROC of every meta epoch

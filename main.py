@@ -11,7 +11,6 @@ import argparse
 import ast
 import datetime
 import difflib
-import json
 import os
 import re
 import sys
@@ -69,7 +68,8 @@ def parse_value(text, default):
         return float(text)
     if isinstance(default, (tuple, list)):
         items = [item for item in text.replace('(', '').replace(')', '').split(',') if item.strip()]
-        return tuple(type(default[0])(ast.literal_eval(item.strip())) for item in items)
+        element_type = type(default[0]) if default else int
+        return tuple(element_type(ast.literal_eval(item.strip())) for item in items)
     return text
 
 
@@ -131,10 +131,41 @@ def validate_config(config):
 
 
 def class_names(config):
+    """The requested classes: one name, a comma-separated list (or a list in config.py), or 'all'."""
+    from utils import class_folders
     names = config.class_name
     if isinstance(names, str):
         names = [name.strip() for name in names.split(',')]
-    return [name for name in names if name]
+    names = [name for name in names if name]
+    if names == ['all']:
+        if not os.path.isdir(config.dataset_path):
+            raise UserError(f'dataset path {config.dataset_path} does not exist')
+        names = class_folders(config.dataset_path)
+        if not names:
+            raise UserError(f'no class folders in {config.dataset_path}')
+    return names
+
+
+def run_seeds(config):
+    return list(config.seeds) if config.seeds else [config.seed]
+
+
+# The paper's values and the official code's behaviour; results.md lists every setting that differs.
+PAPER_VALUES = dict(img_size=448, n_scales=3, n_coupling_blocks=8, clamp_alpha=3.0, fc_internal=2048, dropout=0.0,
+                    lr_init=2e-4, adam_betas=(0.8, 0.8), adam_eps=1e-4, weight_decay=1e-5, meta_epochs=24,
+                    sub_epochs=8, n_transforms=4, n_transforms_test=64, batch_size=24, batch_size_test=1,
+                    transf_rotations=True, transf_brightness=0.0, transf_contrast=0.0, transf_saturation=0.0,
+                    norm_mean=(0.485, 0.456, 0.406), norm_std=(0.229, 0.224, 0.225), fixed_test_rotations=False,
+                    pretrained=True, train_feature_pool=0, cache_test_features=False, adam_fused=False,
+                    channels_last=False, bf16_autocast=False)
+
+
+def deviations_from_paper(config):
+    """[(name, value, paper value)] for every setting that can change a number and differs."""
+    def same(value, reference):
+        return tuple(value) == reference if isinstance(reference, tuple) else value == reference
+    return [(name, getattr(config, name), reference) for name, reference in PAPER_VALUES.items()
+            if not same(getattr(config, name), reference)]
 
 
 def fresh_results_dir(config):
@@ -152,72 +183,103 @@ def fresh_results_dir(config):
     return path
 
 
-def write_json_atomic(path, data):
-    with open(path + '.part', 'w') as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(path + '.part', path)
-
-
 def run_class(config, class_name, device):
-    """Trains and evaluates one class; returns its results entry."""
+    """Trains and evaluates one class with `config.seed`; returns its results entry."""
     from model import build_model
     from train import train_class
-    from utils import check_images_readable, find_class_samples, seed_everything
+    from utils import check_images_readable, defect_type_aurocs, detect_layout, find_class_samples, seed_everything
 
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
-    check_images_readable([path for path, _, _ in train_samples + test_samples])
-    n_anomalous = sum(label for _, label, _ in test_samples)
-    print(f'\n=== {class_name}: {len(train_samples)} training images x {config.n_transforms} views, '
-          f'{len(test_samples)} test images ({n_anomalous} anomalous) x {config.n_transforms_test} views, '
-          f'{config.meta_epochs} x {config.sub_epochs} epochs, device {device}', flush=True)
+    check_images_readable([sample.path for sample in train_samples + test_samples])
+    layout = detect_layout(os.path.join(config.dataset_path, class_name))
+    print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
+          + f', device {device}', flush=True)
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
     history = train_class(model, train_samples, test_samples, config, device,
                           log=lambda line: print(line, flush=True))
-    history['test_files'] = [os.path.relpath(path, config.dataset_path) for path, _, _ in test_samples]
-    return dict(class_name=class_name, weights_source=weights_source, n_train_images=len(train_samples),
-                n_test_images=len(test_samples), **history)
+    defect_types = [sample.defect_type for sample in test_samples]
+    return dict(
+        class_name=class_name, seed=config.seed, layout=layout, weights_source=weights_source,
+        n_train_images=len(train_samples), n_test_images=len(test_samples), **history,
+        test_files=[os.path.relpath(sample.path, config.dataset_path) for sample in test_samples],
+        test_defect_types=defect_types,
+        test_mask_files=[sample.mask_path and os.path.relpath(sample.mask_path, config.dataset_path)
+                         for sample in test_samples],
+        defect_type_auroc_last=defect_type_aurocs(defect_types, history['test_labels'], history['test_scores']),
+        defect_type_auroc_best=defect_type_aurocs(defect_types, history['test_labels'], history['best_test_scores']))
 
 
-def summary_table(results):
-    lines = ['| Class | Last AUROC | Max AUROC | Max AUROC Epoch |', '|---|---|---|---|']
-    for entry in results:
-        lines.append(f"| {entry['class_name']} | {entry['last_auroc']:.4f} | {entry['max_auroc']:.4f} "
-                     f"| {entry['max_auroc_epoch']} |")
-    return '\n'.join(lines)
+def workload_text(config, train_samples, test_samples):
+    """How many images, views and steps a class takes, said before it starts."""
+    n_train, n_test = len(train_samples), len(test_samples)
+    n_anomalous = sum(sample.label for sample in test_samples)
+    steps = config.meta_epochs * config.sub_epochs * -(-n_train // config.batch_size)
+    if config.train_feature_pool:
+        train_views = f'{n_train * config.train_feature_pool} training views extracted once (pool of {config.train_feature_pool})'
+    else:
+        train_views = f'{config.meta_epochs * config.sub_epochs * n_train * config.n_transforms} training views on-line'
+    test_passes = 1 if config.cache_test_features else config.meta_epochs
+    return (f'{n_train} training images, {n_test} test images ({n_anomalous} anomalous); {train_views}, '
+            f'{test_passes * n_test * config.n_transforms_test} test views extracted ({n_test} x '
+            f'{config.n_transforms_test}{"" if test_passes == 1 else f" x {test_passes} meta epochs"}); '
+            f'{steps} flow steps ({config.meta_epochs} x {config.sub_epochs} epochs x {-(-n_train // config.batch_size)})')
 
 
 def run(config):
-    """Runs every requested class; returns the results folder."""
-    from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, find_class_samples, resolve_device
+    """Runs every requested (class, seed); returns (results folder, number of failed runs)."""
+    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, find_class_samples, resolve_device,
+                       results_markdown, write_results_files)
 
     validate_config(config)
     device = resolve_device(config.device)
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
-    for class_name in class_names(config):  # a mistyped class fails now, not after hours of another
-        find_class_samples(config.dataset_path, class_name)
+    names = class_names(config)
+    problems = {}
+    for class_name in names:  # a mistyped class fails now, not after hours of another
+        try:
+            find_class_samples(config.dataset_path, class_name)
+        except UserError as error:
+            problems[class_name] = str(error)
+    if len(problems) == len(names):
+        raise UserError(next(iter(problems.values())) if len(names) == 1 else
+                        'no class can run: ' + '; '.join(problems.values()))
     results_dir = fresh_results_dir(config)
-    results = {'config': vars(config), 'classes': []}
-    for class_name in class_names(config):
-        results['classes'].append(run_class(config, class_name, device))
-        write_json_atomic(os.path.join(results_dir, 'results.json'), results)
-    print('\n' + summary_table(results['classes']))
-    print(f'\nResults: {os.path.join(results_dir, "results.json")}')
-    return results_dir
+    deviations = deviations_from_paper(config)
+    results = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': []}
+    for class_name in names:
+        if class_name in problems:
+            print(f'error: class {class_name} skipped: {problems[class_name]}', flush=True)
+            results['failed'].append({'class_name': class_name, 'seed': None, 'error': problems[class_name]})
+            write_results_files(results_dir, results, deviations)
+            continue
+        for seed in run_seeds(config):
+            try:
+                results['classes'].append(run_class(build_config(**{**vars(config), 'seed': seed}), class_name, device))
+            except UserError as error:
+                print(f'error: class {class_name} (seed {seed}) failed: {error}', flush=True)
+                results['failed'].append({'class_name': class_name, 'seed': seed, 'error': str(error)})
+            write_results_files(results_dir, results, deviations)
+    print('\n' + results_markdown(results, deviations))
+    print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and plots)')
+    return results_dir, len(results['failed'])
 
 
 def main(argv=None):
     try:
         config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
-        run(config)
+        _, n_failed = run(config)
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
+    if n_failed:
+        print(f'error: {n_failed} run(s) failed; see above and results.md', file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,16 +4,16 @@ The AlexNet extractor is frozen, so it runs under no_grad and its features go st
 the official code instead backpropagates through it at every step (the optimizer never updates it).
 """
 import math
+import sys
 import time
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from freia_funcs import nll_loss
-from utils import (MultiViewDataset, feature_cache_key, load_cached_features,
+from utils import (MultiViewDataset, auroc_or_nan, feature_cache_key, load_cached_features,
                    save_cached_features)
 
 
@@ -71,10 +71,9 @@ def extract_view_features(model, views, config):
     return torch.cat(features)
 
 
-def iterate_features(model, loader, device, config, description=''):
+def iterate_features(model, loader, device, config):
     """Yields (features (B, n_views, D), labels (B,)) for each batch of a MultiViewDataset loader."""
-    bar = tqdm(loader, desc=description, disable=config.hide_tqdm_bar, leave=False, mininterval=5)
-    for views, labels in bar:
+    for views, labels in loader:
         n_images, n_views = views.shape[:2]
         flat = views.to(device, non_blocking=True).view(-1, *views.shape[2:])
         yield extract_view_features(model, flat, config).view(n_images, n_views, -1), labels
@@ -83,7 +82,8 @@ def iterate_features(model, loader, device, config, description=''):
 def extract_all_features(model, loader, device, config, description=''):
     """Features (N_images, n_views, D) and labels (N_images,) of a whole dataset, in loader order."""
     features, labels = [], []
-    for batch_features, batch_labels in iterate_features(model, loader, device, config, description):
+    batches = iterate_features(model, loader, device, config)
+    for batch_features, batch_labels in progress(batches, config, description, total=len(loader)):
         features.append(batch_features)
         labels.append(batch_labels)
     return torch.cat(features), torch.cat(labels).numpy()
@@ -143,11 +143,12 @@ def score_features(model, test_features, config):
     return torch.cat(scores).numpy(), float(np.mean(losses))
 
 
-def image_auroc(labels, scores):
-    """roc_auc_score, or nan when the test set holds one label only (AUROC is undefined then)."""
-    if len(np.unique(labels)) < 2:
-        return float('nan')
-    return float(roc_auc_score(labels, scores))
+def progress(iterable, config, description, total=None):
+    """A tqdm bar when `hide_tqdm_bar` is off; in a log file (not a terminal) it redraws at most every
+    30 s, so it cannot flood the file."""
+    interval = 0.5 if sys.stderr.isatty() else 30
+    return tqdm(iterable, desc=description, total=total, disable=config.hide_tqdm_bar, leave=False,
+                mininterval=interval, maxinterval=max(interval, 10), dynamic_ncols=True)
 
 
 TEST_VIEW_SEED_OFFSET = 1_000  # view seeds of the cached test views and of the training pool, kept
@@ -185,6 +186,8 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         train_loader = make_loader(MultiViewDataset(train_samples, config.n_transforms, config),
                                    config.batch_size, True, config)
 
+    steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
+    best_scores = None
     for meta_epoch in range(config.meta_epochs):
         model.train()
         if config.verbose:
@@ -194,9 +197,13 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
             if pool is not None:
                 batches = pool_batches(pool, config.batch_size, config.n_transforms)
             else:
-                batches = (features.reshape(-1, features.shape[-1]) for features, _ in iterate_features(
-                    model, train_loader, device, config, f'train {meta_epoch}.{sub_epoch}'))
-            losses = [flow_step(model, optimizer, batch, config) for batch in batches]
+                batches = (features.reshape(-1, features.shape[-1])
+                           for features, _ in iterate_features(model, train_loader, device, config))
+            losses = []
+            bar = progress(batches, config, f'train {meta_epoch}.{sub_epoch}', total=steps_per_epoch)
+            for batch in bar:
+                losses.append(flow_step(model, optimizer, batch, config))
+                bar.set_postfix(loss=f'{losses[-1]:.4f}', refresh=False)
             epoch_losses.append(float(np.mean(losses)))
             if config.verbose:
                 log(f'Epoch: {meta_epoch}.{sub_epoch} \t train loss: {epoch_losses[-1]:.4f}')
@@ -206,8 +213,10 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         if not config.cache_test_features:
             test_features, test_labels = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
         scores, test_loss = score_features(model, test_features, config)
-        auroc = image_auroc(test_labels, scores)
+        auroc = auroc_or_nan(test_labels, scores)
         is_new_max = observer.update(auroc, meta_epoch)
+        if is_new_max:
+            best_scores = scores
         history['auroc'].append(auroc)
         history['test_loss'].append(test_loss)
         if config.verbose:
@@ -216,6 +225,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, history, scores, is_new_max)
     history.update(last_auroc=observer.last, max_auroc=observer.max_score, max_auroc_epoch=observer.max_epoch,
-                   test_scores=[float(s) for s in scores], test_labels=[int(l) for l in test_labels],
+                   test_scores=[float(s) for s in scores], best_test_scores=[float(s) for s in best_scores],
+                   test_labels=[int(label) for label in test_labels],
                    wall_time_s=round(time.time() - start, 2))
     return history

@@ -1,23 +1,40 @@
-"""Data for DifferNet: finding the images of a class, turning each into n augmented views, the demo set.
+"""Data for DifferNet: finding the images of a class, turning each into n augmented views, the demo set,
+the disk cache of features, and the results files (tables, plots, score lists).
+
+Three layouts are read where they lie, detected per class (`detect_layout`):
 
 The official DifferNet layout, one folder per class under `dataset_path`:
 
-    <dataset_path>/
-    └── <class_name>/
-        ├── train/
-        │   └── good/            defect-free training images
-        └── test/
-            ├── good/            defect-free test images        -> label 0
-            ├── <defect type>/   any other folder name          -> label 1
-            └── ...
+    <dataset_path>/<class>/
+    ├── train/good/              defect-free training images
+    └── test/
+        ├── good/                defect-free test images            -> label 0
+        └── <defect type>/       any other folder name              -> label 1
+
+MVTec AD as distributed: the same, plus pixel masks of the defective test images:
+
+    <dataset_path>/<class>/
+    ├── train/good/
+    ├── test/{good, <defect type>, ...}/
+    └── ground_truth/<defect type>/<name>_mask.png
+
+BTAD (BeanTech Anomaly Detection) as distributed (.bmp images in class 01, .png elsewhere):
+
+    <dataset_path>/{01,02,03}/
+    ├── train/ok/                defect-free training images
+    ├── test/ok/                 defect-free test images            -> label 0
+    ├── test/ko/                 anomalous test images              -> label 1
+    └── ground_truth/ko/<name>.png
 
 Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden files are ignored.
 """
 import difflib
 import hashlib
 import json
+import math
 import os
 import random
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,7 +43,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-EXPECTED_TREE = '<dataset_path>/<class>/train/good/*.png and <class>/test/{good,<defect type>}/*.png'
+EXPECTED_TREE = ('<dataset_path>/<class>/train/good/*.png and <class>/test/{good,<defect type>}/*.png '
+                 '(or BTAD: <class>/train/ok, <class>/test/{ok,ko})')
+NORMAL_FOLDERS = {'official': 'good', 'mvtec': 'good', 'btad': 'ok'}
 DEMO_DATASET_PATH = os.path.join('data', 'demo')  # generated on first use; ignored by git
 DEMO_CLASS = 'demo_washer'
 
@@ -70,8 +89,37 @@ def class_folders(dataset_path):
                   if os.path.isdir(os.path.join(dataset_path, name)) and not name.startswith('.'))
 
 
+class Sample(NamedTuple):
+    """One image: its path, label (0 normal, 1 anomalous), defect type (folder name) and mask, if any."""
+    path: str
+    label: int
+    defect_type: str
+    mask_path: Optional[str] = None
+
+
+def detect_layout(class_root):
+    """'btad' (train/ok), 'mvtec' (good folders plus ground_truth/) or 'official' (good folders only)."""
+    if os.path.isdir(os.path.join(class_root, 'train', 'ok')):
+        return 'btad'
+    if os.path.isdir(os.path.join(class_root, 'ground_truth')):
+        return 'mvtec'
+    return 'official'
+
+
+def find_mask(class_root, defect_type, image_path):
+    """ground_truth/<defect type>/<name>_mask.<ext> (MVTec AD) or <name>.<ext> (BTAD), else None."""
+    folder = os.path.join(class_root, 'ground_truth', defect_type)
+    if not os.path.isdir(folder):
+        return None
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    for candidate in list_images(folder):
+        if os.path.splitext(os.path.basename(candidate))[0] in (f'{stem}_mask', stem):
+            return candidate
+    return None
+
+
 def find_class_samples(dataset_path, class_name):
-    """Returns (train_samples, test_samples), each a list of (path, label, defect_type).
+    """Returns (train_samples, test_samples), lists of Sample, in any of the three layouts.
 
     Raises UserError naming the missing or empty folder and the expected tree.
     """
@@ -83,18 +131,20 @@ def find_class_samples(dataset_path, class_name):
         close = difflib.get_close_matches(class_name, known, n=3, cutoff=0.4)
         hint = f'did you mean {", ".join(close)}?' if close else f'classes found: {", ".join(known) or "none"}'
         raise UserError(f"class '{class_name}' not found in {dataset_path} ({hint}); expected {EXPECTED_TREE}")
-    train_good = os.path.join(class_root, 'train', 'good')
+    normal = NORMAL_FOLDERS[detect_layout(class_root)]
+    train_normal = os.path.join(class_root, 'train', normal)
     test_root = os.path.join(class_root, 'test')
-    for folder in (train_good, os.path.join(test_root, 'good')):
+    for folder in (train_normal, os.path.join(test_root, normal)):
         if not os.path.isdir(folder):
             raise UserError(f'missing folder {folder}; expected {EXPECTED_TREE}')
         if not list_images(folder):
             raise UserError(f'no images in {folder}; expected {EXPECTED_TREE}')
-    train = [(path, 0, 'good') for path in list_images(train_good)]
+    train = [Sample(path, 0, normal) for path in list_images(train_normal)]
     test = []
     for defect_type in class_folders(test_root):
-        label = 0 if defect_type == 'good' else 1
-        test += [(path, label, defect_type) for path in list_images(os.path.join(test_root, defect_type))]
+        label = 0 if defect_type == normal else 1
+        test += [Sample(path, label, defect_type, find_mask(class_root, defect_type, path) if label else None)
+                 for path in list_images(os.path.join(test_root, defect_type))]
     return train, test
 
 
@@ -160,7 +210,7 @@ class MultiViewDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, label, _ = self.samples[index]
+        path, label = self.samples[index].path, self.samples[index].label
         image = load_rgb(path)
         if self.view_seed is None:
             return torch.stack([transform(image) for transform in self.view_transforms]), label
@@ -170,7 +220,7 @@ class MultiViewDataset(Dataset):
 
     @property
     def labels(self):
-        return np.array([label for _, label, _ in self.samples])
+        return np.array([sample.label for sample in self.samples])
 
 
 # --- the disk cache of extracted features ------------------------------------------------------------
@@ -183,9 +233,9 @@ def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_dige
     """A digest of everything extracted features depend on: each file (path, modification time, size),
     the transform and extractor settings, the number of views, their seed, and the AlexNet weights."""
     files = []
-    for path, label, defect_type in samples:
-        stat = os.stat(path)
-        files.append([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, label, defect_type])
+    for sample in samples:
+        stat = os.stat(sample.path)
+        files.append([os.path.abspath(sample.path), stat.st_mtime_ns, stat.st_size, sample.label, sample.defect_type])
     key = {'files': files, 'n_views': n_views, 'view_seed': view_seed, 'fixed_rotations': fixed_rotations,
            'weights': weights_digest, 'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
@@ -281,3 +331,205 @@ def draw_washer(rng, defect='good'):
         blob = rng.uniform(13, 17)
         draw.ellipse([px - blob, py - blob, px + blob, py + blob], fill=(170, 80, 20))
     return image.filter(ImageFilter.SMOOTH)
+
+
+# --- results files: tables, score lists and plots -------------------------------------------------------
+
+def write_json_atomic(path, data):
+    """Writes JSON to `path` via a temporary file and a rename, so a reader never sees half a file."""
+    with open(path + '.part', 'w') as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(path + '.part', path)
+
+
+def write_text_atomic(path, text):
+    with open(path + '.part', 'w') as handle:
+        handle.write(text)
+    os.replace(path + '.part', path)
+
+
+def auroc_or_nan(labels, scores):
+    """Image AUROC, or nan when only one label is present (AUROC is undefined then)."""
+    from sklearn.metrics import roc_auc_score
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float('nan')
+    return float(roc_auc_score(labels, scores))
+
+
+def defect_type_aurocs(defect_types, labels, scores):
+    """{defect type: AUROC of that type's images against the normal test images}."""
+    defect_types, labels, scores = np.asarray(defect_types), np.asarray(labels), np.asarray(scores)
+    normal = labels == 0
+    return {defect: auroc_or_nan(labels[normal | (defect_types == defect)], scores[normal | (defect_types == defect)])
+            for defect in sorted(set(defect_types[labels == 1]))}
+
+
+def mean_std_text(values, digits=4):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return 'n/a'
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f}'
+    return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
+
+
+def summary_rows(runs):
+    """One row per class (in first-seen order) with Last AUROC, Max AUROC, Max AUROC Epoch, each as
+    mean ± std over the class's seeds, then a mean row over the classes."""
+    by_class = {}
+    for run in runs:
+        by_class.setdefault(run['class_name'], []).append(run)
+    rows = []
+    for class_name, class_runs in by_class.items():
+        rows.append([class_name, mean_std_text([r['last_auroc'] for r in class_runs]),
+                     mean_std_text([r['max_auroc'] for r in class_runs]),
+                     mean_std_text([r['max_auroc_epoch'] for r in class_runs], digits=1 if len(class_runs) > 1 else 0),
+                     len(class_runs)])
+    if len(by_class) > 1:
+        class_means = {key: [np.nanmean([r[key] for r in class_runs]) for class_runs in by_class.values()]
+                       for key in ('last_auroc', 'max_auroc')}
+        rows.append(['mean', f"{np.nanmean(class_means['last_auroc']):.4f}",
+                     f"{np.nanmean(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())])
+    return rows
+
+
+def markdown_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def defect_type_rows(runs):
+    """Rows (class, defect type, AUROC at the last meta epoch, at the max epoch), mean ± std over seeds."""
+    collected = {}
+    for run in runs:
+        for when in ('last', 'best'):
+            for defect, value in run.get(f'defect_type_auroc_{when}', {}).items():
+                collected.setdefault((run['class_name'], defect), {'last': [], 'best': []})[when].append(value)
+    return [[class_name, defect, mean_std_text(values['last']), mean_std_text(values['best'])]
+            for (class_name, defect), values in collected.items()]
+
+
+def results_markdown(results, deviations):
+    """The text of results.md, also printed at the end of a run."""
+    header = ['Class', 'Last AUROC', 'Max AUROC', 'Max AUROC Epoch', 'Runs']
+    parts = ['## Image-level AUROC', '', markdown_table(header, summary_rows(results['classes']))]
+    if results.get('failed'):
+        parts += ['', 'Failed:'] + [f"- {f['class_name']}" + (f" (seed {f['seed']})" if f['seed'] is not None else '')
+                                    + f": {f['error']}" for f in results['failed']]
+    defect_rows = defect_type_rows(results['classes'])
+    if defect_rows:
+        parts += ['', '## AUROC per defect type (each type against the good test images)', '',
+                  markdown_table(['Class', 'Defect type', 'AUROC (last epoch)', 'AUROC (max epoch)'], defect_rows)]
+    parts += ['', '## Settings that differ from the paper / official code', '']
+    parts += [f'- `{name}` = {value!r} (paper/official: {reference!r})' for name, value, reference in deviations] \
+        or ['- none']
+    return '\n'.join(parts) + '\n'
+
+
+def results_csv(results):
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(['class', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'runs'])
+    writer.writerows(summary_rows(results['classes']))
+    writer.writerow([])
+    writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s'])
+    for run in results['classes']:
+        writer.writerow([run['class_name'], run['seed'], run['last_auroc'], run['max_auroc'],
+                         run['max_auroc_epoch'], run['wall_time_s']])
+    return buffer.getvalue()
+
+
+def run_file_stem(run, seeds):
+    """'<class>', or '<class>_seed<seed>' in a run of several seeds."""
+    return f"{run['class_name']}_seed{run['seed']}" if len(seeds) > 1 else run['class_name']
+
+
+def write_class_files(results_dir, run, stem):
+    """<stem>_scores.csv (last and best epoch), <stem>_scores.png (histograms), <stem>_roc.png."""
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(['file', 'label', 'defect_type', 'score_last_epoch', 'score_max_epoch'])
+    for row in zip(run['test_files'], run['test_labels'], run['test_defect_types'], run['test_scores'],
+                   run['best_test_scores']):
+        writer.writerow(row)
+    write_text_atomic(os.path.join(results_dir, f'{stem}_scores.csv'), buffer.getvalue())
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+    scores, labels = np.asarray(run['test_scores']), np.asarray(run['test_labels'])
+    defect_types = np.asarray(run['test_defect_types'])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    log_scores = np.log10(np.maximum(scores, 1e-12))
+    bins = np.linspace(log_scores.min(), log_scores.max() + 1e-9, 30)
+    for defect in sorted(set(defect_types), key=lambda d: (d in ('good', 'ok')) is False):
+        axis.hist(log_scores[defect_types == defect], bins=bins, alpha=0.55, label=defect)
+    axis.set_xlabel('log10 anomaly score (mean z² over views), last meta epoch')
+    axis.set_ylabel('test images')
+    axis.set_title(f"{run['class_name']} (seed {run['seed']}): test scores")
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, os.path.join(results_dir, f'{stem}_scores.png'))
+    plt.close(figure)
+    if len(np.unique(labels)) == 2:
+        figure, axis = plt.subplots(figsize=(5, 5))
+        for key, name in (('test_scores', 'last epoch'), ('best_test_scores', 'max epoch')):
+            fpr, tpr, _ = roc_curve(labels, run[key])
+            axis.plot(fpr, tpr, label=f'{name}: AUROC {auroc_or_nan(labels, run[key]):.4f}')
+        axis.plot([0, 1], [0, 1], color='gray', linestyle=':')
+        axis.set_xlabel('false positive rate')
+        axis.set_ylabel('true positive rate')
+        axis.set_title(f"{run['class_name']} (seed {run['seed']}): image-level ROC")
+        axis.legend(loc='lower right')
+        figure.tight_layout()
+        save_figure(figure, os.path.join(results_dir, f'{stem}_roc.png'))
+        plt.close(figure)
+
+
+def save_figure(figure, path):
+    figure.savefig(path + '.part', dpi=100, format='png')
+    os.replace(path + '.part', path)
+
+
+def write_auroc_plot(results_dir, runs):
+    """auroc.png: AUROC per meta epoch, one line per class (mean over its seeds)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    by_class = {}
+    for run in runs:
+        by_class.setdefault(run['class_name'], []).append(run['auroc'])
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for class_name, curves in by_class.items():
+        length = min(len(curve) for curve in curves)
+        mean_curve = np.nanmean([curve[:length] for curve in curves], axis=0)
+        label = class_name if len(curves) == 1 else f'{class_name} (mean of {len(curves)} seeds)'
+        axis.plot(range(length), mean_curve, marker='o', markersize=3, label=label)
+    axis.set_xlabel('meta epoch')
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.set_ylabel('image-level AUROC')
+    axis.set_title('AUROC after each meta epoch')
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize='small', ncol=2 if len(by_class) > 8 else 1)
+    figure.tight_layout()
+    save_figure(figure, os.path.join(results_dir, 'auroc.png'))
+    plt.close(figure)
+
+
+def write_results_files(results_dir, results, deviations):
+    """results.json, results.md, results.csv, auroc.png and the per-class files, each written whole."""
+    write_json_atomic(os.path.join(results_dir, 'results.json'), results)
+    write_text_atomic(os.path.join(results_dir, 'results.md'), results_markdown(results, deviations))
+    write_text_atomic(os.path.join(results_dir, 'results.csv'), results_csv(results))
+    if results['classes']:
+        write_auroc_plot(results_dir, results['classes'])
+        for run in results['classes']:
+            write_class_files(results_dir, run, run_file_stem(run, results['seeds']))

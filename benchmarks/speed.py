@@ -71,7 +71,6 @@ def bench_flow(repeats, n_rows):
         seconds = timed(lambda: score_features(model, test, config), 1)
         print(f'evaluation (flow)   {label:34s} {seconds:6.2f} s for 83 images x {config.n_transforms_test} '
               f'views', flush=True)
-        del model, optimizer
 
 
 def bench_loading(dataset_path, class_name, n_images):

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_image
-from utils import (MultiViewDataset, UserError, check_images_readable, ensure_demo_dataset,
+from utils import (MultiViewDataset, Sample, UserError, check_images_readable, ensure_demo_dataset,
                    find_class_samples, fixed_angles)
 
 
 def test_labels_and_defect_types(official_tree):
     train, test = find_class_samples(str(official_tree), 'widget')
-    assert [label for _, label, _ in train] == [0, 0, 0]
+    assert [sample.label for sample in train] == [0, 0, 0]
     by_type = {}
-    for path, label, defect_type in test:
+    for path, label, defect_type, _ in test:
         by_type.setdefault(defect_type, set()).add(label)
         assert os.path.basename(os.path.dirname(path)) == defect_type
     assert by_type == {'good': {0}, 'scratch': {1}, 'dent': {1}}
@@ -26,7 +26,7 @@ def test_any_pillow_extension_and_hidden_files_ignored(official_tree):
     write_image(str(folder / 'extra.JPG'))
     (folder / '.directory').write_text('[Dolphin]')
     train, _ = find_class_samples(str(official_tree), 'widget')
-    names = sorted(os.path.basename(path) for path, _, _ in train)
+    names = sorted(os.path.basename(path) for path, *_ in train)
     assert names == ['000.png', '001.png', '002.png', 'extra.JPG', 'extra.bmp']
 
 
@@ -42,7 +42,7 @@ def test_random_views_follow_torch_seed(official_tree):
     config = tiny_config()
     path = str(official_tree / 'widget' / 'train' / 'good' / '000.png')
     write_image(path, size=(40, 30))  # non-square: rotations change pixels
-    dataset = MultiViewDataset([(path, 0, 'good')], 4, config)
+    dataset = MultiViewDataset([Sample(path, 0, 'good')], 4, config)
     torch.manual_seed(7)
     first = dataset[0][0]
     torch.manual_seed(7)
@@ -92,7 +92,7 @@ def test_unreadable_image_named(official_tree):
     bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')
     _, test = find_class_samples(str(official_tree), 'widget')
     with pytest.raises(UserError, match='broken.png'):
-        check_images_readable([path for path, _, _ in test])
+        check_images_readable([sample.path for sample in test])
 
 
 def test_demo_dataset_is_deterministic(tmp_path):
@@ -100,8 +100,8 @@ def test_demo_dataset_is_deterministic(tmp_path):
     assert not ensure_demo_dataset(str(tmp_path / 'a'))
     ensure_demo_dataset(str(tmp_path / 'b'))
     train, test = find_class_samples(str(tmp_path / 'a'), 'demo_washer')
-    assert len(train) == 8 and sum(label for _, label, _ in test) == 6
-    for path, _, _ in train + test:
+    assert len(train) == 8 and sum(sample.label for sample in test) == 6
+    for path, *_ in train + test:
         twin = path.replace(str(tmp_path / 'a'), str(tmp_path / 'b'))
         with open(path, 'rb') as one, open(twin, 'rb') as two:
             assert one.read() == two.read()

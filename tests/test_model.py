@@ -1,9 +1,7 @@
 """The network: official feature vectors, offline weight conversion, a frozen extractor."""
-import io
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
