@@ -33,6 +33,7 @@ lr_init = 2e-4  # Adam learning rate
 adam_betas = (0.8, 0.8)  # Adam betas
 adam_eps = 1e-4  # Adam epsilon
 weight_decay = 1e-5  # Adam (L2) weight decay
+max_grad_norm = 0.0  # deviation when > 0: clip the flow's gradient norm (helps MVTec grid); 0 = off, as the paper
 adam_fused = True  # speed-up: fused Adam kernel, same update up to float rounding (False = PyTorch default)
 meta_epochs = 24  # evaluations on the test set; training runs meta_epochs x sub_epochs epochs
 sub_epochs = 8  # training epochs between two evaluations
@@ -57,3 +58,4 @@ device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'
 num_workers = 0  # DataLoader worker processes decoding and augmenting images
 verbose = True  # print the loss of every sub epoch and the AUROC of every meta epoch
 hide_tqdm_bar = True  # hide progress bars (official default)
+resume_state = True  # after each meta epoch write the state --resume needs (about 2 GB for the paper's flow)

@@ -13,6 +13,7 @@ import datetime
 import difflib
 import os
 import re
+import signal
 import sys
 import types
 
@@ -101,6 +102,8 @@ def parse_command_line(argv):
                     f"--{name} expects {type(default).__name__} like {default!r}, got '{text}'") from None
         parser.add_argument(f'--{name}', type=typed, default=default, metavar='VALUE',
                             help=f'{comment} (default: {default!r})')
+    parser.add_argument('--resume', metavar='RESULTS_DIR', default='',
+                        help='continue an interrupted run exactly where it stopped, with its own config and seeds')
     args = parser.parse_args(argv)
     return build_config(**{name: getattr(args, name) for name in defaults}), args
 
@@ -169,8 +172,12 @@ def deviations_from_paper(config):
 
 
 def fresh_results_dir(config):
-    """`results_dir` if given (created), else results/<date>_<time>_<classes>, never an existing one."""
+    """`results_dir` if given (created; refused if an earlier run wrote there), else
+    results/<date>_<time>_<classes>; never an existing run's folder."""
     if config.results_dir:
+        if os.path.isfile(os.path.join(config.results_dir, 'results.json')):
+            raise UserError(f'results_dir {config.results_dir} holds an earlier run; choose another folder, '
+                            f'or continue it with --resume {config.results_dir}')
         os.makedirs(config.results_dir, exist_ok=True)
         return config.results_dir
     stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
@@ -183,32 +190,67 @@ def fresh_results_dir(config):
     return path
 
 
-def run_class(config, class_name, device):
-    """Trains and evaluates one class with `config.seed`; returns its results entry."""
+def load_run_to_resume(results_dir):
+    """(config, results) of the run in `results_dir`, for --resume."""
+    from utils import read_json
+    path = os.path.join(results_dir, 'results.json')
+    if not os.path.isfile(path):
+        raise UserError(f'nothing to resume in {results_dir}: no results.json there; give the folder a run printed')
+    results = read_json(path)
+    return build_config(**results['config']), results
+
+
+def run_class(config, class_name, device, on_meta_epoch=None, resume_path=None):
+    """Trains and evaluates one class with `config.seed`; returns its results entry.
+
+    A NaN/inf loss returns the entry of the meta epochs finished before, with `status` 'diverged'.
+    """
     from model import build_model
-    from train import train_class
-    from utils import check_images_readable, defect_type_aurocs, detect_layout, find_class_samples, seed_everything
+    from train import TrainingDiverged, train_class
+    from utils import detect_layout, find_class_samples, scan_class, seed_everything
 
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
-    check_images_readable([sample.path for sample in train_samples + test_samples])
+    for warning in scan_class(config.dataset_path, class_name, train_samples, test_samples):
+        print(f'warning: {warning}', flush=True)
     layout = detect_layout(os.path.join(config.dataset_path, class_name))
     print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
           + f', device {device}', flush=True)
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
-    history = train_class(model, train_samples, test_samples, config, device,
-                          log=lambda line: print(line, flush=True))
+    status, error = 'done', None
+    try:
+        history = train_class(model, train_samples, test_samples, config, device,
+                              log=lambda line: print(line, flush=True), resume_path=resume_path,
+                              on_meta_epoch=on_meta_epoch and (lambda *args: on_meta_epoch(
+                                  class_entry(config, class_name, layout, weights_source, train_samples,
+                                              test_samples, args[1], 'in progress'))))
+    except TrainingDiverged as diverged:
+        history, status, error = diverged.history, 'diverged', str(diverged)
+        print(f'error: class {class_name} stopped: {error}', flush=True)
+    entry = class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status)
+    if error:
+        entry['error'] = error
+    return entry
+
+
+def class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status):
+    """The results.json entry of one (class, seed) run, from its training history."""
+    from utils import defect_type_aurocs
     defect_types = [sample.defect_type for sample in test_samples]
-    return dict(
-        class_name=class_name, seed=config.seed, layout=layout, weights_source=weights_source,
-        n_train_images=len(train_samples), n_test_images=len(test_samples), **history,
-        test_files=[os.path.relpath(sample.path, config.dataset_path) for sample in test_samples],
-        test_defect_types=defect_types,
-        test_mask_files=[sample.mask_path and os.path.relpath(sample.mask_path, config.dataset_path)
-                         for sample in test_samples],
-        defect_type_auroc_last=defect_type_aurocs(defect_types, history['test_labels'], history['test_scores']),
-        defect_type_auroc_best=defect_type_aurocs(defect_types, history['test_labels'], history['best_test_scores']))
+    entry = dict(class_name=class_name, seed=config.seed, status=status, layout=layout,
+                 weights_source=weights_source, n_train_images=len(train_samples),
+                 n_test_images=len(test_samples), **history,
+                 test_files=[os.path.relpath(sample.path, config.dataset_path) for sample in test_samples],
+                 test_defect_types=defect_types,
+                 test_mask_files=[sample.mask_path and os.path.relpath(sample.mask_path, config.dataset_path)
+                                  for sample in test_samples])
+    if history.get('test_scores'):
+        entry['defect_type_auroc_last'] = defect_type_aurocs(defect_types, history['test_labels'],
+                                                             history['test_scores'])
+        entry['defect_type_auroc_best'] = defect_type_aurocs(defect_types, history['test_labels'],
+                                                             history['best_test_scores'])
+    return entry
 
 
 def workload_text(config, train_samples, test_samples):
@@ -227,8 +269,22 @@ def workload_text(config, train_samples, test_samples):
             f'{steps} flow steps ({config.meta_epochs} x {config.sub_epochs} epochs x {-(-n_train // config.batch_size)})')
 
 
-def run(config):
-    """Runs every requested (class, seed); returns (results folder, number of failed runs)."""
+OUT_OF_MEMORY_HINT = ('out of memory on {device} in class {class_name}: lower batch_size ({batch_size}), '
+                      'extract_batch_size ({extract_batch_size}), n_transforms_test ({n_transforms_test}) '
+                      'or train_feature_pool ({train_feature_pool}), or use --device cpu')
+
+
+def is_out_of_memory(error):
+    return isinstance(error, MemoryError) or 'out of memory' in str(error).lower() or \
+        "can't allocate memory" in str(error).lower()
+
+
+def run(config, resume=None):
+    """Runs every requested (class, seed); returns (results folder, failed runs, runs done).
+
+    `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
+    continues from its last finished meta epoch, the rest run as planned.
+    """
     from utils import (DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, find_class_samples, resolve_device,
                        results_markdown, write_results_files)
 
@@ -246,40 +302,89 @@ def run(config):
     if len(problems) == len(names):
         raise UserError(next(iter(problems.values())) if len(names) == 1 else
                         'no class can run: ' + '; '.join(problems.values()))
-    results_dir = fresh_results_dir(config)
     deviations = deviations_from_paper(config)
-    results = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': []}
-    for class_name in names:
-        if class_name in problems:
-            print(f'error: class {class_name} skipped: {problems[class_name]}', flush=True)
-            results['failed'].append({'class_name': class_name, 'seed': None, 'error': problems[class_name]})
-            write_results_files(results_dir, results, deviations)
-            continue
-        for seed in run_seeds(config):
-            try:
-                results['classes'].append(run_class(build_config(**{**vars(config), 'seed': seed}), class_name, device))
-            except UserError as error:
-                print(f'error: class {class_name} (seed {seed}) failed: {error}', flush=True)
-                results['failed'].append({'class_name': class_name, 'seed': seed, 'error': str(error)})
-            write_results_files(results_dir, results, deviations)
+    if resume:
+        results_dir, results = resume
+        done = {(entry['class_name'], entry['seed']) for entry in results['classes']}
+        results['failed'], results['in_progress'] = [], None
+    else:
+        results_dir = fresh_results_dir(config)
+        results, done = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
+                         'in_progress': None}, set()
+    state_dir = os.path.join(results_dir, 'resume')
+
+    def save_progress(entry):
+        results['in_progress'] = entry
+        write_results_files(results_dir, results, deviations)
+
+    try:
+        for class_name in names:
+            if class_name in problems:
+                print(f'error: class {class_name} skipped: {problems[class_name]}', flush=True)
+                results['failed'].append({'class_name': class_name, 'seed': None, 'error': problems[class_name]})
+                write_results_files(results_dir, results, deviations)
+                continue
+            for seed in run_seeds(config):
+                if (class_name, seed) in done:
+                    continue
+                seed_config = build_config(**{**vars(config), 'seed': seed})
+                state_path = None
+                if config.resume_state:
+                    os.makedirs(state_dir, exist_ok=True)
+                    state_path = os.path.join(state_dir, f'{class_name}_seed{seed}.pt')
+                try:
+                    entry = run_class(seed_config, class_name, device, save_progress, state_path)
+                    results['classes'].append(entry)
+                    if entry['status'] != 'done':
+                        results['failed'].append({'class_name': class_name, 'seed': seed, 'error': entry['error']})
+                except UserError as error:
+                    print(f'error: class {class_name} (seed {seed}) failed: {error}', flush=True)
+                    results['failed'].append({'class_name': class_name, 'seed': seed, 'error': str(error)})
+                except (RuntimeError, MemoryError) as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
+                    print(f'error: {message}', flush=True)
+                    results['failed'].append({'class_name': class_name, 'seed': seed, 'error': message})
+                results['in_progress'] = None
+                write_results_files(results_dir, results, deviations)
+                if state_path and os.path.isfile(state_path):
+                    os.remove(state_path)  # the class is finished: its resume state has served
+    except KeyboardInterrupt:
+        write_results_files(results_dir, results, deviations)
+        print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
+              f'Continue exactly where it stopped with:  python main.py --resume {results_dir}', flush=True)
+        raise
     print('\n' + results_markdown(results, deviations))
     print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and plots)')
-    return results_dir, len(results['failed'])
+    return results_dir, len(results['failed']), len(results['classes'])
+
+
+def raise_keyboard_interrupt(signal_number, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
+    """Exit status: 0 all runs done, 1 some failed, 2 nothing could run (user error), 130 interrupted."""
+    previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
-        config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
-        _, n_failed = run(config)
+        config, args = parse_command_line(sys.argv[1:] if argv is None else argv)
+        resume = None
+        if args.resume:
+            config, previous = load_run_to_resume(args.resume)
+            resume = (args.resume, previous)
+            print(f'Resuming {args.resume} with its own configuration (other options are ignored)')
+        _, n_failed, n_done = run(config, resume)
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if n_failed:
         print(f'error: {n_failed} run(s) failed; see above and results.md', file=sys.stderr)
-        return 1
+        return 1 if n_done else 2
     return 0
 
 

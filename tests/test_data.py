@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_image
-from utils import (MultiViewDataset, Sample, UserError, check_images_readable, ensure_demo_dataset,
+from utils import (MultiViewDataset, Sample, UserError, ensure_demo_dataset, scan_class,
                    find_class_samples, fixed_angles)
 
 
@@ -90,9 +90,9 @@ def test_unknown_class_suggests_close_names(official_tree):
 def test_unreadable_image_named(official_tree):
     bad = official_tree / 'widget' / 'test' / 'dent' / 'broken.png'
     bad.write_bytes(b'\x89PNG\r\n\x1a\nnot really')
-    _, test = find_class_samples(str(official_tree), 'widget')
+    train, test = find_class_samples(str(official_tree), 'widget')
     with pytest.raises(UserError, match='broken.png'):
-        check_images_readable([sample.path for sample in test])
+        scan_class(str(official_tree), 'widget', train, test)
 
 
 def test_demo_dataset_is_deterministic(tmp_path):
