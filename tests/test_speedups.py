@@ -1,0 +1,106 @@
+"""The speed-ups return exactly what the on-line path computes, and a stale feature cache is never used."""
+import os
+
+import torch
+
+from conftest import tiny_config
+from model import DifferNet
+from train import extract_all_features, fixed_view_features, make_loader, pool_batches
+from utils import MultiViewDataset, find_class_samples
+
+DEVICE = torch.device('cpu')
+
+
+def tiny_model(config):
+    torch.manual_seed(0)
+    return DifferNet(config).eval()
+
+
+def test_pool_and_test_cache_equal_the_online_features_for_the_same_view_seeds(official_tree, tmp_path):
+    config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'))
+    model = tiny_model(config)
+    train, test = find_class_samples(str(official_tree), 'widget')
+    for samples in (train, test):
+        pooled, labels = fixed_view_features(model, samples, 5, 123, config, DEVICE, 'pool', log=lambda line: None)
+        # the on-line path: a shuffled loader, other batch sizes, the views drawn from the same seed
+        online_set = MultiViewDataset(samples, 5, config, view_seed=123)
+        loader = torch.utils.data.DataLoader(online_set, batch_size=2, shuffle=True)
+        seen = 0
+        for views, batch_labels in loader:
+            flat = views.view(-1, *views.shape[2:])
+            with torch.no_grad():
+                online = model.features(flat).view(views.shape[0], 5, -1)
+            for features in online:
+                matches = [i for i in range(len(samples)) if torch.allclose(pooled[i], features, atol=1e-6)]
+                assert len(matches) == 1
+                seen += 1
+        assert seen == len(samples)
+        assert list(labels) == [s.label for s in samples]
+        cached, cached_labels = fixed_view_features(model, samples, 5, 123, config, DEVICE, 'pool',
+                                                    log=lambda line: None)
+        assert torch.equal(cached, pooled) and list(cached_labels) == list(labels)
+
+
+def test_views_depend_on_the_seed_not_on_the_loader(official_tree):
+    config = tiny_config()
+    train, _ = find_class_samples(str(official_tree), 'widget')
+    dataset = MultiViewDataset(train, 3, config, view_seed=7)
+    torch.manual_seed(1)
+    first = dataset[2][0]
+    torch.manual_seed(999)  # the global stream does not matter
+    assert torch.equal(first, dataset[2][0])
+    assert not torch.equal(first, MultiViewDataset(train, 3, config, view_seed=8)[2][0])
+
+
+def test_pool_batches_draw_distinct_pooled_views_of_every_image_once():
+    pool = torch.arange(5 * 6 * 1, dtype=torch.float32).view(5, 6, 1)  # image i, view k -> 6 i + k
+    torch.manual_seed(0)
+    batches = list(pool_batches(pool, batch_size=2, n_views=4))
+    assert [len(batch) for batch in batches] == [8, 8, 4]
+    values = torch.cat(batches).view(-1, 4)
+    images = (values // 6).long()
+    assert all(len(set(row.tolist())) == 1 for row in images)  # the 4 views of a row come from one image
+    assert sorted(images[:, 0].tolist()) == [0, 1, 2, 3, 4]
+    assert all(len(set(row.tolist())) == 4 for row in values)  # without replacement
+
+
+def test_stale_disk_cache_is_never_used(official_tree, tmp_path):
+    config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'))
+    model = tiny_model(config)
+    _, test = find_class_samples(str(official_tree), 'widget')
+    messages = []
+    first, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
+    fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
+    assert 'from the feature cache' in messages[-1]
+    # an image changed on disk (new content, new modification time): recomputed, new features
+    changed = test[0].path
+    from PIL import Image
+    Image.new('RGB', (40, 40), (0, 255, 0)).save(changed)
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+    second, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
+    assert 'extracted' in messages[-1] and not torch.equal(first[0], second[0])
+    # other settings, another view seed, other weights: never the cached features
+    for other_config, seed, other_model in [(tiny_config(feature_cache=True, feature_cache_dir=config.feature_cache_dir,
+                                                         transf_rotations=False), 5, model),
+                                            (config, 6, model),
+                                            (config, 5, DifferNet(config).eval())]:
+        fixed_view_features(other_model, test, 2, seed, other_config, DEVICE, 'test views', log=messages.append)
+        assert 'extracted' in messages[-1]
+    # a damaged cache file is recomputed, not trusted
+    for name in os.listdir(config.feature_cache_dir):
+        with open(os.path.join(config.feature_cache_dir, name), 'wb') as handle:
+            handle.write(b'garbage')
+    fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
+    assert 'extracted' in messages[-1]
+
+
+def test_extraction_batches_do_not_change_features(official_tree):
+    config = tiny_config()
+    model = tiny_model(config)
+    _, test = find_class_samples(str(official_tree), 'widget')
+    dataset = MultiViewDataset(test, 3, config, view_seed=1)
+    one, _ = extract_all_features(model, make_loader(dataset, 1, False, config), DEVICE, config)
+    big_config = tiny_config(extract_batch_size=64)
+    many, _ = extract_all_features(model, make_loader(dataset, 4, False, big_config), DEVICE, big_config)
+    assert torch.allclose(one, many, atol=1e-6)
+    assert one.shape == (len(test), 3, 256)
