@@ -229,9 +229,17 @@ def run_class(config, class_name, device, on_meta_epoch=None, resume_path=None):
         history, status, error = diverged.history, 'diverged', str(diverged)
         print(f'error: class {class_name} stopped: {error}', flush=True)
     entry = class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status)
+    entry['peak_rss_gib'] = round(peak_resident_gib(), 2)
     if error:
         entry['error'] = error
     return entry
+
+
+def peak_resident_gib():
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 30 if sys.platform == 'darwin' else peak / 2 ** 20
 
 
 def class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status):

@@ -10,8 +10,8 @@ Modes of --full_run (each a `python main.py` run on --dataset_path/--class_name,
     official  train_feature_pool = 0, cache_test_features = False, channels_last = False, adam_fused = False
 """
 import argparse
+import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,7 +23,8 @@ sys.path.insert(0, REPO_ROOT)
 
 from main import build_config  # noqa: E402
 from model import DifferNet, load_imagenet_alexnet_features  # noqa: E402
-from train import extract_view_features, flow_step, make_optimizer, score_features  # noqa: E402
+from train import (extract_view_features, flow_step, iterate_features, make_loader, make_optimizer,  # noqa: E402
+                   prepare_extractor, score_features)
 from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
 MODES = {
@@ -82,20 +83,42 @@ def bench_loading(dataset_path, class_name, n_images):
           f'{len(dataset) / seconds:6.1f} images/s', flush=True)
 
 
+def bench_online_sub_epoch(state, dataset_path, class_name, bf16):
+    """One training sub epoch of the on-line (official) augmentation on a real class: decode, 4 views,
+    AlexNet, 9 flow steps for bottle. The official implementation takes 96 s here (issue 6)."""
+    config = build_config(bf16_autocast=bf16)
+    torch.manual_seed(0)
+    model = DifferNet(config, state)
+    prepare_extractor(model, config)
+    optimizer = make_optimizer(model.nf, config)
+    train, _ = find_class_samples(dataset_path, class_name)
+    loader = make_loader(MultiViewDataset(train, config.n_transforms, config), config.batch_size, True, config)
+    start = time.perf_counter()
+    for features, _ in iterate_features(model, loader, torch.device('cpu'), config):
+        flow_step(model, optimizer, features.reshape(-1, features.shape[-1]), config)
+    print(f'on-line sub epoch ({"bf16" if bf16 else "fp32"}, {len(train)} {class_name} images x '
+          f'{config.n_transforms} views): {time.perf_counter() - start:6.1f} s', flush=True)
+
+
 def full_run(mode, args):
+    out = os.path.join(args.results_dir, f'{mode}_{time.strftime("%Y%m%d_%H%M%S")}')
     command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--dataset_path', args.dataset_path,
                '--class_name', args.class_name, '--feature_cache', 'false', '--seed', '0',
-               '--results_dir', os.path.join(args.results_dir, mode)] + MODES[mode]
+               '--results_dir', out] + MODES[mode]
     if args.meta_epochs:
         command += ['--meta_epochs', str(args.meta_epochs)]
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
-    auroc = [line for line in result.stdout.splitlines() if line.startswith('AUROC:')]
-    print(f'full run {mode:9s} {args.class_name} meta_epochs={args.meta_epochs or "config"}: '
-          f'{wall / 60:6.1f} min, peak resident memory {peak_gib:.2f} GiB (largest child so far), '
-          f'final {auroc[-1] if auroc else result.stderr.strip()[-200:]}', flush=True)
+    if result.returncode != 0:
+        print(f'full run {mode}: failed ({result.stderr.strip()[-300:]})', flush=True)
+        return
+    with open(os.path.join(out, 'results.json')) as handle:
+        entry = json.load(handle)['classes'][0]
+    print(f'full run {mode:9s} {args.class_name} {len(entry["auroc"])} x {entry["train_loss"] and len(entry["train_loss"][0])} '
+          f'epochs: {wall / 60:6.1f} min wall (process start to exit), peak resident memory '
+          f'{entry["peak_rss_gib"]:.2f} GiB, last AUROC {entry["last_auroc"]:.4f}, max {entry["max_auroc"]:.4f} '
+          f'(epoch {entry["max_auroc_epoch"]}); {out}', flush=True)
 
 
 def main():
@@ -115,6 +138,8 @@ def main():
         bench_extraction(state, args.extraction_views, args.repeats)
         bench_flow(args.repeats, 96)
         bench_loading(args.dataset_path, args.class_name, 24)
+        for bf16 in (False, True):
+            bench_online_sub_epoch(state, args.dataset_path, args.class_name, bf16)
     for mode in args.full_run:
         full_run(mode, args)
 
