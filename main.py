@@ -3,9 +3,12 @@
     python main.py                                   # the demo set, paper settings
     python main.py --dataset_path ../shared/data/mvtec --class_name bottle
     python main.py --help                            # every setting of config.py, overridable here
+    python main.py --score IMAGE_OR_FOLDER ... --checkpoint results/RUN/bottle_checkpoint.pt
 
 The story: read config.py and the command line, then for each class find its images, build the network
-with ImageNet AlexNet weights, train the flow, print the AUROC after every meta epoch, save results.json.
+with ImageNet AlexNet weights, train the flow, print the AUROC after every meta epoch, save results.json
+and the class's checkpoint (and, with grad_map_viz, its gradient maps). With --score, load a checkpoint
+instead and score new images against a threshold (scoring.py).
 """
 import argparse
 import ast
@@ -101,6 +104,14 @@ def parse_command_line(argv):
                     f"--{name} expects {type(default).__name__} like {default!r}, got '{text}'") from None
         parser.add_argument(f'--{name}', type=typed, default=default, metavar='VALUE',
                             help=f'{comment} (default: {default!r})')
+    scoring = parser.add_argument_group('scoring new images (instead of training)')
+    scoring.add_argument('--score', nargs='+', metavar='PATH', help='image files or folders (searched recursively)')
+    scoring.add_argument('--checkpoint', metavar='FILE', help='a <class>_checkpoint.pt of a run, or an official '
+                         'save_weights state dict (then img_size etc. come from the settings above)')
+    scoring.add_argument('--threshold', type=float, metavar='X', help='anomalous when score > X (default: the '
+                         'score at threshold_fpr on the defect-free images the checkpoint holds)')
+    scoring.add_argument('--score_out', default='scores.csv', metavar='CSV', help='where the scores go (default: scores.csv)')
+    scoring.add_argument('--maps', default='', metavar='DIR', help='also write a gradient-map PNG per image into DIR')
     args = parser.parse_args(argv)
     return build_config(**{name: getattr(args, name) for name in defaults}), args
 
@@ -121,6 +132,9 @@ def validate_config(config):
                         f'{smallest} px; AlexNet needs at least {MIN_ALEXNET_INPUT}: raise img_size or lower n_scales')
     if not 0 <= config.dropout < 1:
         raise UserError(f'dropout = {config.dropout} must be in [0, 1)')
+    if not 0 <= config.val_fraction < 1:
+        raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
+    validate_threshold_fpr(config)
     if config.train_feature_pool and config.train_feature_pool < config.n_transforms:
         raise UserError(f'train_feature_pool = {config.train_feature_pool} is below n_transforms = '
                         f'{config.n_transforms}; use 0 (on-line views) or at least {config.n_transforms}')
@@ -128,6 +142,11 @@ def validate_config(config):
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
     if not class_names(config):
         raise UserError("class_name is empty; name a class folder, e.g. --class_name bottle")
+
+
+def validate_threshold_fpr(config):
+    if not 0 <= config.threshold_fpr < 1:
+        raise UserError(f'threshold_fpr = {config.threshold_fpr} must be in [0, 1), e.g. 0.01')
 
 
 def class_names(config):
@@ -158,33 +177,92 @@ def write_json_atomic(path, data):
     os.replace(path + '.part', path)
 
 
-def run_class(config, class_name, device):
-    """Trains and evaluates one class; returns its results entry."""
+def run_class(config, class_name, device, results_dir):
+    """Trains and evaluates one class, saves its checkpoint(s) and, with grad_map_viz, its gradient maps;
+    returns its results entry."""
     from model import build_model
     from train import train_class
-    from utils import check_images_readable, find_class_samples, seed_everything
+    from utils import check_images_readable, find_class_samples, seed_everything, split_validation
 
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
     check_images_readable([path for path, _, _ in train_samples + test_samples])
+    train_samples, val_samples = split_validation(train_samples, config.val_fraction, config.seed)
     n_anomalous = sum(label for _, label, _ in test_samples)
-    print(f'\n=== {class_name}: {len(train_samples)} training images x {config.n_transforms} views, '
+    held_out = f' ({len(val_samples)} more held out for the threshold)' if val_samples else ''
+    print(f'\n=== {class_name}: {len(train_samples)} training images{held_out} x {config.n_transforms} views, '
           f'{len(test_samples)} test images ({n_anomalous} anomalous) x {config.n_transforms_test} views, '
           f'{config.meta_epochs} x {config.sub_epochs} epochs, device {device}', flush=True)
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
+    save = checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device)
+    best_path = os.path.join(results_dir, f'{class_name}_best.pt')
+
+    def on_meta_epoch(meta_epoch, history, scores, is_new_max):
+        if config.save_best and is_new_max:
+            save(best_path, dict(history, meta_epoch=meta_epoch))
+            print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+
     history = train_class(model, train_samples, test_samples, config, device,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True), on_meta_epoch=on_meta_epoch)
     history['test_files'] = [os.path.relpath(path, config.dataset_path) for path, _, _ in test_samples]
-    return dict(class_name=class_name, weights_source=weights_source, n_train_images=len(train_samples),
-                n_test_images=len(test_samples), **history)
+    entry = dict(class_name=class_name, weights_source=weights_source, n_train_images=len(train_samples),
+                 n_validation_images=len(val_samples), n_test_images=len(test_samples), **history)
+    checkpoint_path = os.path.join(results_dir, f'{class_name}_checkpoint.pt')
+    save(checkpoint_path, entry)
+    print(f'Checkpoint: {checkpoint_path}', flush=True)
+    entry['checkpoint'] = checkpoint_path
+    if config.grad_map_viz:
+        from localization import localize_class
+        entry.update(localize_class(model, test_samples, config, device,
+                                    os.path.join(results_dir, 'maps', class_name),
+                                    log=lambda line: print(line, flush=True)))
+    return entry
+
+
+def checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device):
+    """save(path, history): writes the checkpoint of `model` as it is now, with the score statistics of
+    the training (and validation) images at the fixed rotations. Their features are extracted at the
+    first save only; later saves rerun just the flow."""
+    import torch
+    from model import save_checkpoint
+    from scoring import reference_view_features, score_statistics, scores_of_features
+
+    references = {'training': train_samples, 'validation': val_samples}
+    features = {}
+
+    def save(path, history):
+        if not features:
+            # the data loaders draw a seed from torch's global generator: fork it, so that training runs
+            # the same random stream whether or not (and whenever) a checkpoint is saved
+            with torch.random.fork_rng(devices=[]):
+                for name, samples in references.items():
+                    if samples:
+                        features[name] = reference_view_features(model, samples, config, device,
+                                                                 f'{name} reference views')
+        statistics = {name: None for name in references}
+        for name, samples in references.items():
+            if samples:
+                files = [os.path.relpath(file, config.dataset_path) for file, _, _ in samples]
+                statistics[name] = score_statistics(scores_of_features(model, features[name], config), files)
+        save_checkpoint(path, model, config, weights_source, history, statistics, class_name)
+
+    return save
 
 
 def summary_table(results):
-    lines = ['| Class | Last AUROC | Max AUROC | Max AUROC Epoch |', '|---|---|---|---|']
+    """Markdown table of the image AUROCs, and of the pixel AUROC when gradient maps were made."""
+    with_pixels = any('pixel_auroc' in entry for entry in results)
+    header = '| Class | Last AUROC | Max AUROC | Max AUROC Epoch |'
+    lines = [header + (' Pixel AUROC (ours, not in the paper) |' if with_pixels else ''),
+             '|---|---|---|---|' + ('---|' if with_pixels else '')]
     for entry in results:
-        lines.append(f"| {entry['class_name']} | {entry['last_auroc']:.4f} | {entry['max_auroc']:.4f} "
-                     f"| {entry['max_auroc_epoch']} |")
+        line = (f"| {entry['class_name']} | {entry['last_auroc']:.4f} | {entry['max_auroc']:.4f} "
+                f"| {entry['max_auroc_epoch']} |")
+        if with_pixels:
+            pixel = entry.get('pixel_auroc')
+            line += f' {pixel:.4f} |' if pixel is not None else ' no masks |'
+        lines.append(line)
     return '\n'.join(lines)
 
 
@@ -201,17 +279,31 @@ def run(config):
     results_dir = fresh_results_dir(config)
     results = {'config': vars(config), 'classes': []}
     for class_name in class_names(config):
-        results['classes'].append(run_class(config, class_name, device))
+        results['classes'].append(run_class(config, class_name, device, results_dir))
         write_json_atomic(os.path.join(results_dir, 'results.json'), results)
     print('\n' + summary_table(results['classes']))
     print(f'\nResults: {os.path.join(results_dir, "results.json")}')
     return results_dir
 
 
+def score(config, args):
+    """The --score command (scoring.score_images), after checking its options go together."""
+    from scoring import score_images
+    if not args.score or not args.checkpoint:
+        raise UserError('--score PATH... and --checkpoint FILE go together, e.g. '
+                        '--score data/new_parts --checkpoint results/RUN/bottle_checkpoint.pt')
+    validate_threshold_fpr(config)
+    score_images(config, args.score, args.checkpoint, threshold=args.threshold, score_out=args.score_out,
+                 maps_dir=args.maps, log=lambda line: print(line, flush=True))
+
+
 def main(argv=None):
     try:
-        config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
-        run(config)
+        config, args = parse_command_line(sys.argv[1:] if argv is None else argv)
+        if args.score or args.checkpoint:
+            score(config, args)
+        else:
+            run(config)
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

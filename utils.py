@@ -109,6 +109,22 @@ def check_images_readable(paths):
                             f'replace or remove it (expected {EXPECTED_TREE})') from None
 
 
+def split_validation(samples, fraction, seed):
+    """(training, validation) samples: round(fraction * n) of them (at least 1 when fraction > 0) held
+    out, picked with numpy seed `seed` from the samples in sorted order; both parts stay sorted. The
+    same files, fraction and seed always give the same split."""
+    samples = sorted(samples)
+    if fraction <= 0:
+        return samples, []
+    n_validation = max(1, int(round(fraction * len(samples))))
+    if n_validation >= len(samples):
+        raise UserError(f'val_fraction = {fraction} holds out {n_validation} of the {len(samples)} training '
+                        f'images, leaving none to train on; lower val_fraction')
+    picked = set(np.random.RandomState(seed).choice(len(samples), n_validation, replace=False).tolist())
+    return ([s for i, s in enumerate(samples) if i not in picked],
+            [s for i, s in enumerate(samples) if i in picked])
+
+
 def load_rgb(path):
     try:
         with Image.open(path) as image:
