@@ -152,7 +152,7 @@ def export_map(model, image_path, defect_type, config, device, png_path, label='
     if mask_path is not None:
         mask = np.asarray(Image.fromarray(load_mask(mask_path)).resize((config.img_size, config.img_size),
                                                                         Image.NEAREST))
-    title = f'{label or os.path.basename(image_path)} | {defect_type} | score {score:.4f}'
+    title = f'{label or os.path.basename(image_path)} | {defect_type} | score {score:.6g}'
     save_map_png(png_path, display_image(image_path, config.img_size), heat_map, mask, title)
     return heat_map, score
 

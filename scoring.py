@@ -112,7 +112,7 @@ def write_scores_csv(path, rows):
         writer = csv.writer(handle)
         writer.writerow(['file', 'score', 'decision'])
         for file, score, decision in rows:
-            writer.writerow([file, f'{score:.6f}', decision])
+            writer.writerow([file, f'{score:.9g}', decision])  # 9 digits: a float32 exactly
 
 
 def score_images(config, paths, checkpoint_path, threshold=None, score_out='scores.csv', maps_dir='',
@@ -134,16 +134,16 @@ def score_images(config, paths, checkpoint_path, threshold=None, score_out='scor
     prepare_model(model, settings, device)
     log(f"Checkpoint {checkpoint_path} ({checkpoint['class_name'] or 'official'}; "
         f"{checkpoint['extractor']['source']}; {settings.n_transforms_test} views at fixed rotations)")
-    log(f'Threshold {threshold:.6f}: {origin}')
+    log(f'Threshold {threshold:.6g}: {origin}')
     samples = [(path, -1, '') for path in image_paths]
     features = reference_view_features(model, samples, settings, device, 'scored images', log)
     scores = scores_of_features(model, features, settings)
     rows = [(path, float(score), 'anomalous' if score > threshold else 'good')
             for path, score in zip(image_paths, scores)]
     width = max(len(path) for path in image_paths)
-    log(f"{'file':<{width}}  {'score':>10}  decision")
+    log(f"{'file':<{width}}  {'score':>12}  decision")
     for path, score, decision in rows:
-        log(f'{path:<{width}}  {score:>10.4f}  {decision}')
+        log(f'{path:<{width}}  {score:>12.6g}  {decision}')
     write_scores_csv(score_out, rows)
     n_anomalous = sum(decision == 'anomalous' for _, _, decision in rows)
     log(f'{len(rows)} images, {n_anomalous} anomalous; wrote {score_out}')
