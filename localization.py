@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 BLUR_SIGMA = 3.0  # paper and official code
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, scipy.ndimage.gaussian_filter's default (official blur)
 AUPRO_MAX_FPR = 0.3  # the MVTec AD convention: PRO integrated over false-positive rates 0..0.3
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=int)  # defect regions: 8-connected, as the MVTec AD evaluation code
 MAP_VIEW_SEED_OFFSET = 1_000  # = train.TEST_VIEW_SEED_OFFSET: colour jitter, if on, draws as the test views
 
 
@@ -184,7 +185,7 @@ def pixel_auroc(maps, masks):
 def aupro(maps, masks, max_fpr=AUPRO_MAX_FPR):
     """Area under the per-region-overlap curve up to `max_fpr`, divided by `max_fpr` (1 is perfect).
 
-    For a threshold t: PRO(t) = mean over the connected defect regions R of all masks of
+    For a threshold t: PRO(t) = mean over the (8-)connected defect regions R of all masks of
     |{p in R: map(p) > t}| / |R|, FPR(t) = share of defect-free pixels with map > t. Sweeping t over
     every pixel value, each defect pixel adds 1 / (|R| * n_regions) to PRO and each defect-free pixel
     1 / n_negatives to FPR, so both curves are cumulative sums over the pixels in decreasing score.
@@ -193,7 +194,7 @@ def aupro(maps, masks, max_fpr=AUPRO_MAX_FPR):
     weights_per_image = []
     n_regions = 0
     for mask in masks:
-        regions, count = ndimage.label(mask)
+        regions, count = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
         areas = np.bincount(regions.ravel())
         weight = np.where(regions > 0, 1.0 / areas[regions], 0.0)
         weights_per_image.append(weight.ravel())

@@ -133,6 +133,13 @@ def test_aupro_known_cases():
     half[0, 0], half[4:6, 4] = 1.0, 0.0
     assert aupro([half], [mask]) == pytest.approx(0.5)
     assert np.isnan(aupro([perfect], [np.zeros((6, 6), dtype=bool)]))
+    # a diagonal neighbour joins the region (8-connected): (2, 2) found alone covers 1/3 of one region
+    # (4-connected it would be all of {(2, 2)} and none of {(3, 3), (3, 4)}: 0.5)
+    diagonal = np.zeros((6, 6), dtype=bool)
+    diagonal[2, 2] = diagonal[3, 3] = diagonal[3, 4] = True
+    found_one = np.where(diagonal, -1.0, 0.0)
+    found_one[2, 2] = 1.0
+    assert aupro([found_one], [diagonal]) == pytest.approx(1 / 3)
 
 
 def test_mask_path_for(masked_tree):
