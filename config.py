@@ -51,6 +51,13 @@ feature_cache_dir = 'data/feature_cache'  # where the disk cache of features liv
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
 bf16_autocast = False  # speed-up: bfloat16 autocast for AlexNet and the flow (changes numbers; see README)
 
+# --- checkpoints, scoring, gradient maps ---
+save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (<class>_checkpoint.pt is always saved)
+val_fraction = 0.0  # share of train/good kept out of training (seeded) to set the --score threshold; 0 uses the training images
+max_reference_images = 32  # training images scored at fixed rotations for the checkpoint's score statistics (0 = all)
+threshold_fpr = 0.01  # --score threshold: the score this share of held-out (or training) defect-free images exceeds
+grad_map_viz = False  # after training, gradient-map PNGs of the anomalous test images and pixel AUROC (ours) where masks exist
+
 # --- run ---
 seed = 0  # seeds Python, numpy and torch; the same seed on CPU gives the same numbers
 seeds = ()  # several seeds, e.g. 0,1,2: one run per (class, seed), tables give mean ± std; () runs `seed`

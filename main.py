@@ -104,6 +104,14 @@ def parse_command_line(argv):
                             help=f'{comment} (default: {default!r})')
     parser.add_argument('--resume', metavar='RESULTS_DIR', default='',
                         help='continue an interrupted run exactly where it stopped, with its own config and seeds')
+    scoring = parser.add_argument_group('scoring new images (instead of training)')
+    scoring.add_argument('--score', nargs='+', metavar='PATH', help='image files or folders (searched recursively)')
+    scoring.add_argument('--checkpoint', metavar='FILE', help='a <class>_checkpoint.pt of a run, or an official '
+                         'save_weights state dict (then img_size etc. come from the settings above)')
+    scoring.add_argument('--threshold', type=float, metavar='X', help='anomalous when score > X (default: the '
+                         'score at threshold_fpr on the defect-free images the checkpoint holds)')
+    scoring.add_argument('--score_out', default='scores.csv', metavar='CSV', help='where the scores go (default: scores.csv)')
+    scoring.add_argument('--maps', default='', metavar='DIR', help='also write a gradient-map PNG per image into DIR')
     args = parser.parse_args(argv)
     return build_config(**{name: getattr(args, name) for name in defaults}), args
 
@@ -127,10 +135,18 @@ def validate_config(config):
     if config.train_feature_pool and config.train_feature_pool < config.n_transforms:
         raise UserError(f'train_feature_pool = {config.train_feature_pool} is below n_transforms = '
                         f'{config.n_transforms}; use 0 (on-line views) or at least {config.n_transforms}')
+    if not 0 <= config.val_fraction < 1:
+        raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
+    validate_threshold_fpr(config)
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
     if not class_names(config):
         raise UserError("class_name is empty; name a class folder, e.g. --class_name bottle")
+
+
+def validate_threshold_fpr(config):
+    if not 0 <= config.threshold_fpr < 1:
+        raise UserError(f'threshold_fpr = {config.threshold_fpr} must be in [0, 1), e.g. 0.01')
 
 
 def class_names(config):
@@ -200,39 +216,97 @@ def load_run_to_resume(results_dir):
     return build_config(**results['config']), results
 
 
-def run_class(config, class_name, device, on_meta_epoch=None, resume_path=None):
-    """Trains and evaluates one class with `config.seed`; returns its results entry.
+def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resume_path=None):
+    """Trains and evaluates one class with `config.seed`, saves its checkpoint (and with grad_map_viz its
+    gradient maps and pixel metrics); returns its results entry.
 
     A NaN/inf loss returns the entry of the meta epochs finished before, with `status` 'diverged'.
     """
     from model import build_model
     from train import TrainingDiverged, train_class
-    from utils import detect_layout, find_class_samples, scan_class, seed_everything
+    from utils import detect_layout, find_class_samples, scan_class, seed_everything, split_validation
 
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
     for warning in scan_class(config.dataset_path, class_name, train_samples, test_samples):
         print(f'warning: {warning}', flush=True)
+    train_samples, val_samples = split_validation(train_samples, config.val_fraction, config.seed)
     layout = detect_layout(os.path.join(config.dataset_path, class_name))
+    held_out = f' ({len(val_samples)} more held out for the --score threshold)' if val_samples else ''
     print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
-          + f', device {device}', flush=True)
+          + f'{held_out}, device {device}', flush=True)
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
+    stem = f'{class_name}_seed{config.seed}' if len(run_seeds(config)) > 1 else class_name
+    save = checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device)
+    best_path = os.path.join(results_dir, f'{stem}_best.pt')
+
+    def after_meta_epoch(meta_epoch, history, scores, is_new_max):
+        if config.save_best and is_new_max:
+            save(best_path, dict(history, meta_epoch=meta_epoch))
+            print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+        if on_meta_epoch is not None:
+            on_meta_epoch(class_entry(config, class_name, layout, weights_source, train_samples, test_samples,
+                                      history, 'in progress'))
+
     status, error = 'done', None
     try:
         history = train_class(model, train_samples, test_samples, config, device,
                               log=lambda line: print(line, flush=True), resume_path=resume_path,
-                              on_meta_epoch=on_meta_epoch and (lambda *args: on_meta_epoch(
-                                  class_entry(config, class_name, layout, weights_source, train_samples,
-                                              test_samples, args[1], 'in progress'))))
+                              on_meta_epoch=after_meta_epoch)
     except TrainingDiverged as diverged:
         history, status, error = diverged.history, 'diverged', str(diverged)
         print(f'error: class {class_name} stopped: {error}', flush=True)
     entry = class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status)
+    entry['n_validation_images'] = len(val_samples)
+    if status == 'done':
+        checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
+        save(checkpoint_path, history)
+        print(f'Checkpoint: {checkpoint_path}', flush=True)
+        entry['checkpoint'] = os.path.basename(checkpoint_path)
+        if config.grad_map_viz:
+            from localization import localize_class
+            entry.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem),
+                                        log=lambda line: print(line, flush=True)))
     entry['peak_rss_gib'] = round(peak_resident_gib(), 2)
     if error:
         entry['error'] = error
     return entry
+
+
+def checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device):
+    """save(path, history): writes the checkpoint of `model` as it is now, with the score statistics of
+    defect-free images at the fixed rotations: the validation images, and `max_reference_images` of the
+    training images (evenly spaced in sorted order; 0 = all). Their features are extracted at the first
+    save only; later saves rerun just the flow."""
+    import torch
+    from model import save_checkpoint
+    from train import reference_view_features, scores_of_features
+    from utils import score_statistics
+
+    if config.max_reference_images and len(train_samples) > config.max_reference_images:
+        step = len(train_samples) / config.max_reference_images
+        train_samples = [train_samples[int(i * step)] for i in range(config.max_reference_images)]
+    references = {'training': train_samples, 'validation': val_samples}
+    features = {}
+
+    def save(path, history):
+        if not features:
+            # the data loaders draw a seed from torch's global generator: fork it, so that training runs
+            # the same random stream whether or not (and whenever) a checkpoint is saved
+            with torch.random.fork_rng(devices=[]):
+                for name, samples in references.items():
+                    if samples:
+                        features[name] = reference_view_features(model, samples, config, device,
+                                                                 f'{name} reference views')
+        statistics = {name: None for name in references}
+        for name, samples in references.items():
+            if samples:
+                files = [os.path.relpath(sample.path, config.dataset_path) for sample in samples]
+                statistics[name] = score_statistics(scores_of_features(model, features[name], config), files)
+        save_checkpoint(path, model, config, weights_source, history, statistics, class_name)
+
+    return save
 
 
 def peak_resident_gib():
@@ -341,7 +415,7 @@ def run(config, resume=None):
                     os.makedirs(state_dir, exist_ok=True)
                     state_path = os.path.join(state_dir, f'{class_name}_seed{seed}.pt')
                 try:
-                    entry = run_class(seed_config, class_name, device, save_progress, state_path)
+                    entry = run_class(seed_config, class_name, device, results_dir, save_progress, state_path)
                     results['classes'].append(entry)
                     if entry['status'] != 'done':
                         results['failed'].append({'class_name': class_name, 'seed': seed, 'error': entry['error']})
@@ -368,6 +442,71 @@ def run(config, resume=None):
     return results_dir, len(results['failed']), len(results['classes'])
 
 
+def score(config, args):
+    """The --score command, after checking its options go together."""
+    if not args.score or not args.checkpoint:
+        raise UserError('--score PATH... and --checkpoint FILE go together, e.g. '
+                        '--score data/new_parts --checkpoint results/RUN/bottle_checkpoint.pt')
+    validate_threshold_fpr(config)
+    score_images(config, args.score, args.checkpoint, threshold=args.threshold, score_out=args.score_out,
+                 maps_dir=args.maps, log=lambda line: print(line, flush=True))
+
+
+def scoring_settings(checkpoint_settings, config):
+    """What scoring runs with: `config` (device, workers, threshold_fpr, ...) with every value the
+    checkpoint fixes on top, and no disk feature cache (scored images are one-offs)."""
+    values = dict(vars(config))
+    values.update(checkpoint_settings)
+    values['feature_cache'] = False
+    return types.SimpleNamespace(**values)
+
+
+def score_images(config, paths, checkpoint_path, threshold=None, score_out='scores.csv', maps_dir='',
+                 log=print):
+    """The `--score` command: scores the images of `paths` with the checkpoint, decides with the
+    threshold, prints a table, writes the CSV (and a gradient-map PNG per image into `maps_dir`).
+    Returns the rows (file, score, decision)."""
+    from localization import export_map, map_file_name
+    from model import load_checkpoint
+    from train import prepare_model, reference_view_features, scores_of_features
+    from utils import (Sample, collect_images, decision_threshold, image_problems, resolve_device,
+                       write_scores_csv)
+
+    image_paths = collect_images(paths)
+    problems = image_problems(image_paths)
+    if problems:
+        raise UserError('; '.join(f'cannot read image {path} ({reason})' for path, reason in problems)
+                        + '; replace or remove it')
+    model, checkpoint = load_checkpoint(checkpoint_path, config)
+    settings = scoring_settings(checkpoint['settings'], config)
+    threshold, origin = decision_threshold(checkpoint['reference_scores'], config.threshold_fpr, threshold,
+                                           checkpoint_path)
+    device = resolve_device(config.device)
+    prepare_model(model, settings, device)
+    log(f"Checkpoint {checkpoint_path} ({checkpoint['class_name'] or 'official'}; "
+        f"{checkpoint['extractor']['source']}; {settings.n_transforms_test} views at fixed rotations)")
+    log(f'Threshold {threshold:.6g}: {origin}')
+    samples = [Sample(path, -1, '') for path in image_paths]
+    features = reference_view_features(model, samples, settings, device, 'scored images', log)
+    scores = scores_of_features(model, features, settings)
+    rows = [(path, float(score), 'anomalous' if score > threshold else 'good')
+            for path, score in zip(image_paths, scores)]
+    width = max(len(path) for path in image_paths)
+    log(f"{'file':<{width}}  {'score':>12}  decision")
+    for path, score, decision in rows:
+        log(f'{path:<{width}}  {score:>12.6g}  {decision}')
+    write_scores_csv(score_out, rows)
+    n_anomalous = sum(decision == 'anomalous' for _, _, decision in rows)
+    log(f'{len(rows)} images, {n_anomalous} anomalous; wrote {score_out}')
+    if maps_dir:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in image_paths])
+        for path, score, _ in rows:
+            export_map(model, path, os.path.basename(os.path.dirname(os.path.abspath(path))), settings, device,
+                       os.path.join(maps_dir, map_file_name(path, root)), score=score)
+        log(f'gradient maps: {len(rows)} PNGs in {maps_dir}')
+    return rows
+
+
 def raise_keyboard_interrupt(signal_number, frame):
     raise KeyboardInterrupt
 
@@ -377,6 +516,9 @@ def main(argv=None):
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
         config, args = parse_command_line(sys.argv[1:] if argv is None else argv)
+        if args.score or args.checkpoint:
+            score(config, args)
+            return 0
         resume = None
         if args.resume:
             config, previous = load_run_to_resume(args.resume)

@@ -105,8 +105,9 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
             log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
             return cached[0].to(device), cached[1]
     started = time.time()
-    features, labels = extract_all_features(model, make_loader(dataset, max(1, config.extract_batch_size // n_views),
-                                                               False, config), device, config, description)
+    loader = make_loader(dataset, max(1, config.extract_batch_size // n_views), False, config,
+                         usable_num_workers(dataset, config, log))
+    features, labels = extract_all_features(model, loader, device, config, description)
     log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
     if key is not None:
         save_cached_features(config.feature_cache_dir, key, features, labels)
@@ -315,3 +316,28 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, history, scores, is_new_max)
     return finish_history(history, observer, scores, best_scores, test_labels, elapsed_before + time.time() - start)
+
+
+# --- scoring images with a trained model (the --score command and the checkpoint statistics) ---------
+
+def prepare_model(model, settings, device):
+    """The model as training left it for scoring: on `device`, extractor memory format as the run's
+    (channels_last changes float rounding), eval mode."""
+    model.to(device)
+    prepare_extractor(model, settings)
+    return model.eval()
+
+
+def reference_view_features(model, samples, settings, device, description, log=print):
+    """Features (N, n_views, D) of `samples` at the fixed rotations, with the view seed of the test views
+    (it matters only with colour jitter on), so that scores match a run with fixed_test_rotations."""
+    features, _ = fixed_view_features(model, samples, settings.n_transforms_test,
+                                      settings.seed + TEST_VIEW_SEED_OFFSET, settings, device, description,
+                                      log, fixed_rotations=True)
+    return features
+
+
+def scores_of_features(model, features, settings):
+    """Anomaly score of each image (N,) from its view features (N, n_views, D); model in eval mode."""
+    model.eval()
+    return score_features(model, features, settings)[0]

@@ -28,6 +28,7 @@ BTAD (BeanTech Anomaly Detection) as distributed (.bmp images in class 01, .png 
 
 Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden files are ignored.
 """
+import csv
 import difflib
 import hashlib
 import json
@@ -176,16 +177,7 @@ def scan_class(dataset_path, class_name, train_samples, test_samples):
                 continue
             problems.append((path, f'not an image file ({os.path.splitext(name)[1] or "no extension"}); '
                                    f'move it out of {folder}'))
-    for sample in train_samples + test_samples:
-        if os.path.getsize(sample.path) == 0:
-            problems.append((sample.path, 'zero-byte file'))
-            continue
-        try:
-            with Image.open(sample.path) as image:
-                image.load()  # a full decode: verify() alone misses truncated pixel data
-                sizes[sample.path] = image.size
-        except Exception as error:
-            problems.append((sample.path, f'not a readable image ({type(error).__name__}: {str(error)[:80]})'))
+    problems += image_problems([sample.path for sample in train_samples + test_samples], sizes)
     if problems:
         raise DataProblems(class_name, problems)
     warnings = []
@@ -201,6 +193,24 @@ def scan_class(dataset_path, class_name, train_samples, test_samples):
     return warnings
 
 
+def image_problems(paths, sizes=None):
+    """[(path, reason)] for each file that is not a readable image (zero bytes, truncated, corrupt); the
+    size of each good one goes into `sizes` if given."""
+    problems = []
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            problems.append((path, 'zero-byte file'))
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()  # a full decode: verify() alone misses truncated pixel data
+                if sizes is not None:
+                    sizes[path] = image.size
+        except Exception as error:
+            problems.append((path, f'not a readable image ({type(error).__name__}: {str(error)[:80]})'))
+    return problems
+
+
 def to_rgb(image):
     """RGB version of any Pillow image: 16-bit grayscale is scaled to 8 bits (Pillow's own convert would
     clip it to white), alpha is dropped (as the official loader does), palettes are expanded."""
@@ -210,6 +220,22 @@ def to_rgb(image):
     elif image.mode in ('I', 'F'):
         image = Image.fromarray(np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8), 'L')
     return image.convert('RGB')
+
+
+def split_validation(samples, fraction, seed):
+    """(training, validation) samples: round(fraction * n) of them (at least 1 when fraction > 0) held
+    out, picked with numpy seed `seed` from the samples in sorted order; both parts stay sorted. The
+    same files, fraction and seed always give the same split."""
+    samples = sorted(samples)
+    if fraction <= 0:
+        return samples, []
+    n_validation = max(1, int(round(fraction * len(samples))))
+    if n_validation >= len(samples):
+        raise UserError(f'val_fraction = {fraction} holds out {n_validation} of the {len(samples)} training '
+                        f'images, leaving none to train on; lower val_fraction')
+    picked = set(np.random.RandomState(seed).choice(len(samples), n_validation, replace=False).tolist())
+    return ([s for i, s in enumerate(samples) if i not in picked],
+            [s for i, s in enumerate(samples) if i in picked])
 
 
 def load_rgb(path):
@@ -467,17 +493,19 @@ def summary_rows(runs):
     by_class = {}
     for run in runs:
         by_class.setdefault(run['class_name'], []).append(run)
+    with_pixels = any(r.get('pixel_auroc') is not None for r in runs)
     rows = []
     for class_name, class_runs in by_class.items():
         rows.append([class_name, mean_std_text([r['last_auroc'] for r in class_runs]),
                      mean_std_text([r['max_auroc'] for r in class_runs]),
                      mean_std_text([r['max_auroc_epoch'] for r in class_runs], digits=1 if len(class_runs) > 1 else 0),
-                     len(class_runs)])
+                     len(class_runs)] + ([mean_std_text([r.get('pixel_auroc') for r in class_runs])] if with_pixels else []))
     if len(by_class) > 1:
         class_means = {key: [mean_or_nan([as_float(r[key]) for r in class_runs]) for class_runs in by_class.values()]
                        for key in ('last_auroc', 'max_auroc')}
         rows.append(['mean', f"{mean_or_nan(class_means['last_auroc']):.4f}",
-                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())])
+                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())]
+                    + ([''] if with_pixels else []))
     return rows
 
 
@@ -506,6 +534,8 @@ def defect_type_rows(runs):
 def results_markdown(results, deviations):
     """The text of results.md, also printed at the end of a run."""
     header = ['Class', 'Last AUROC', 'Max AUROC', 'Max AUROC Epoch', 'Runs']
+    if any(r.get('pixel_auroc') is not None for r in results['classes']):
+        header.append('Pixel AUROC, last epoch (ours: not reported by the paper)')
     parts = ['## Image-level AUROC', '', markdown_table(header, summary_rows(results['classes']))]
     if results.get('failed'):
         parts += ['', 'Failed:'] + [f"- {f['class_name']}" + (f" (seed {f['seed']})" if f['seed'] is not None else '')
@@ -526,11 +556,11 @@ def results_markdown(results, deviations):
 
 
 def results_csv(results):
-    import csv
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(['class', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'runs'])
+    writer.writerow(['class', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'runs']
+                    + (['pixel_auroc'] if any(r.get('pixel_auroc') is not None for r in results['classes']) else []))
     writer.writerows(summary_rows(results['classes']))
     writer.writerow([])
     writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s'])
@@ -547,7 +577,6 @@ def run_file_stem(run, seeds):
 
 def write_class_files(results_dir, run, stem):
     """<stem>_scores.csv (last and best epoch), <stem>_scores.png (histograms), <stem>_roc.png."""
-    import csv
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -632,3 +661,70 @@ def write_results_files(results_dir, results, deviations):
         write_auroc_plot(results_dir, finished)
         for run in finished:
             write_class_files(results_dir, run, run_file_stem(run, results['seeds']))
+
+
+# --- scoring new images: statistics of defect-free scores, the threshold, the CSV ---------------------
+
+SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
+
+
+def score_statistics(scores, files):
+    """What a checkpoint keeps of the scores of defect-free images: n, mean, std, quantiles, and the raw
+    scores with their files (a threshold for any false-positive rate can be set from them later)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return {'n': int(len(scores)), 'mean': float(scores.mean()), 'std': float(scores.std()),
+            'quantiles': {str(q): float(np.quantile(scores, q)) for q in SCORE_QUANTILES},
+            'scores': [float(s) for s in scores], 'files': list(files)}
+
+
+def threshold_at_fpr(scores, fpr):
+    """The smallest of `scores` that at most floor(fpr * n) of them exceed: with `score > threshold`
+    as the decision, the share of these images called anomalous is at most `fpr`."""
+    ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    allowed = int(math.floor(fpr * len(ranked) + 1e-9))
+    return float(ranked[min(allowed, len(ranked) - 1)])
+
+
+def decision_threshold(reference_scores, fpr, explicit=None, checkpoint_path=''):
+    """(threshold, one line saying where it comes from)."""
+    if explicit is not None:
+        return float(explicit), 'given with --threshold'
+    for name, what in (('validation', 'held-out defect-free validation images'),
+                       ('training', "training images' own scores (optimistic: the flow was fitted to them; "
+                                    'train with --val_fraction 0.1 for a held-out threshold)')):
+        stats = (reference_scores or {}).get(name)
+        if stats:
+            threshold = threshold_at_fpr(stats['scores'], fpr)
+            return threshold, f"score at false-positive rate {fpr:g} on the {stats['n']} {what}"
+    raise UserError(f'checkpoint {checkpoint_path} holds no scores of defect-free images (an official '
+                    f'checkpoint); give a threshold with --threshold X')
+
+
+def collect_images(paths):
+    """Image files of `paths`, each a file or a folder (searched recursively, sorted); raises UserError
+    for a missing path or when no image is found."""
+    extensions = image_extensions()
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+                found += [os.path.join(folder, name) for name in sorted(names)
+                          if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions]
+        else:
+            raise UserError(f'--score: {path} does not exist; give image files or folders of images')
+    if not found:
+        raise UserError(f"--score: no images found in {', '.join(paths)} (extensions Pillow reads: .png, .jpg, ...)")
+    return found
+
+
+def write_scores_csv(path, rows):
+    """CSV with a header `file,score,decision`, one row per image."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(['file', 'score', 'decision'])
+        for file, score, decision in rows:
+            writer.writerow([file, f'{score:.9g}', decision])  # 9 digits: a float32 exactly

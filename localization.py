@@ -1,0 +1,251 @@
+"""Where the defect is: DifferNet's gradient maps, their export as PNGs, and pixel-level metrics.
+
+Gradient map of one image x (paper Sec. 3.4; the official `export_gradient_maps`):
+
+    x_i   = T_i(x), i = 0..n-1       views rotated by a_i = i * 360 / n degrees (n = n_transforms_test)
+    L     = nll_loss(f(x_0), ..., f(x_{n-1}))   the training loss of the n views together
+    g_i   = dL / dx_i                 (3, s, s), the gradient of that loss w.r.t. the input pixels
+    g'_i  = G_3 * T_i^-1(g_i)         rotated back by -a_i, then Gaussian-blurred (sigma 3) per channel
+    map   = (mean over views i and channels c of |g'_i,c|) ** 2          (s, s)
+
+Pixels that raise the loss most (the least likely under the flow) light up. The AlexNet weights are
+frozen, but the gradient still flows through them to the input, so nothing here runs under no_grad.
+
+Pixel-level AUROC and AUPRO of these maps against the ground-truth masks are OUR extension: the paper
+reports neither (it shows maps qualitatively only).
+"""
+import os
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from freia_funcs import nll_loss
+from utils import MultiViewDataset, Sample, fixed_angles, load_rgb
+
+matplotlib.use('Agg')  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+BLUR_SIGMA = 3.0  # paper and official code
+BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, scipy.ndimage.gaussian_filter's default (official blur)
+AUPRO_MAX_FPR = 0.3  # the MVTec AD convention: PRO integrated over false-positive rates 0..0.3
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=int)  # defect regions: 8-connected, as the MVTec AD evaluation code
+MAP_VIEW_SEED_OFFSET = 1_000  # = train.TEST_VIEW_SEED_OFFSET: colour jitter, if on, draws as the test views
+
+
+def load_mask(path):
+    """Boolean (H, W) array: True where the mask marks a defect (any non-zero pixel)."""
+    with Image.open(path) as mask:
+        return np.asarray(mask.convert('L')) > 0
+
+
+# --- the map ---------------------------------------------------------------------------------------
+
+def input_gradients(model, views):
+    """(dL/dviews (n, 3, s, s), score): L = nll_loss of the views through `model`, the score the mean
+    z^2 over views and dimensions (the image's anomaly score from the same pass)."""
+    views = views.detach().clone().requires_grad_(True)
+    z, log_jac_det = model(views)
+    loss = nll_loss(z, log_jac_det)
+    # autograd.grad, not backward: the flow's own .grad fields stay untouched
+    gradients, = torch.autograd.grad(loss, views)
+    return gradients, float(torch.mean(z.detach() ** 2))
+
+
+def rotate_back(maps, angles):
+    """Undoes the view rotations: maps[i] (C, s, s), taken on the image rotated by angles[i] degrees
+    (counter-clockwise, about the centre, as `utils.view_transform`), rotated by -angles[i]. Bilinear;
+    corners that come from outside the view are 0."""
+    return torch.stack([TF.rotate(view_map, -angle, interpolation=InterpolationMode.BILINEAR)
+                        for view_map, angle in zip(maps, angles)])
+
+
+def gaussian_blur(maps, sigma=BLUR_SIGMA):
+    """Gaussian blur of (..., H, W) maps, per channel, kernel radius BLUR_TRUNCATE * sigma, reflected
+    borders."""
+    radius = int(BLUR_TRUNCATE * sigma + 0.5)
+    return TF.gaussian_blur(maps, kernel_size=2 * radius + 1, sigma=sigma)
+
+
+def combine_views(maps):
+    """(n, C, s, s) rotated-back, blurred gradients -> (s, s) map: mean of |g| over views and channels,
+    squared."""
+    return maps.abs().mean(dim=(0, 1)) ** 2
+
+
+def gradient_map(model, image_path, config, device):
+    """(map (s, s) numpy, score) of one image: the module docstring's formula with n_transforms_test
+    views at the fixed angles. Puts `model` in eval mode (dropout off) first."""
+    model.eval()
+    angles = fixed_angles(config.n_transforms_test)
+    dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
+                               view_seed=config.seed + MAP_VIEW_SEED_OFFSET)
+    views = dataset[0][0].to(device)
+    gradients, score = input_gradients(model, views)
+    heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))
+    return heat.cpu().numpy(), score
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def save_map_png(path, image, heat_map, mask, title):
+    """One PNG: the input, the map as a heat overlay (scaled to its own min..max), and the mask if any,
+    side by side. `image` (s, s, 3) uint8, `heat_map` (s, s), `mask` (s, s) bool or None."""
+    panels = 3 if mask is not None else 2
+    figure, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.6), dpi=100)
+    span = float(heat_map.max() - heat_map.min())
+    normed = (heat_map - heat_map.min()) / span if span > 0 else np.zeros_like(heat_map)
+    axes[0].imshow(image)
+    axes[0].set_title('input', fontsize=9)
+    axes[1].imshow(image)
+    axes[1].imshow(normed, cmap='jet', alpha=0.5, vmin=0, vmax=1)
+    axes[1].set_title('gradient map', fontsize=9)
+    if mask is not None:
+        axes[2].imshow(mask, cmap='gray', vmin=0, vmax=1)
+        axes[2].set_title('ground truth', fontsize=9)
+    for axis in axes:
+        axis.axis('off')
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def display_image(image_path, img_size):
+    """The image as the network sees it before rotation (resized to img_size), as uint8 (s, s, 3)."""
+    resized = transforms.Resize((img_size, img_size))(load_rgb(image_path))
+    return np.asarray(resized)
+
+
+def export_map(model, image_path, defect_type, config, device, png_path, label='', score=None, mask_path=None):
+    """Computes the map of one image and writes its PNG (with the ground-truth mask beside it when
+    `mask_path` is given); returns (map (s, s), score). The title shows `score` if given (the one a table
+    lists), else the score of the map's own pass."""
+    heat_map, own_score = gradient_map(model, image_path, config, device)
+    score = own_score if score is None else score
+    mask = None
+    if mask_path is not None:
+        mask = np.asarray(Image.fromarray(load_mask(mask_path)).resize((config.img_size, config.img_size),
+                                                                        Image.NEAREST))
+    title = f'{label or os.path.basename(image_path)} | {defect_type} | score {score:.6g}'
+    save_map_png(png_path, display_image(image_path, config.img_size), heat_map, mask, title)
+    return heat_map, score
+
+
+# --- pixel-level metrics (our extension, not in the paper) -------------------------------------------
+
+def upsample_map(heat_map, shape):
+    """(s, s) map -> `shape` (the mask's resolution), bilinear, as float32 numpy."""
+    tensor = torch.as_tensor(np.asarray(heat_map, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode='bilinear', align_corners=False)[0, 0].numpy()
+
+
+def flatten_pairs(maps, masks):
+    """Every pixel of every (map, mask) pair at mask resolution: (scores, truths) 1-D arrays."""
+    scores = np.concatenate([upsample_map(m, mask.shape).ravel() for m, mask in zip(maps, masks)])
+    truths = np.concatenate([mask.ravel() for mask in masks])
+    return scores, truths
+
+
+def pixel_auroc(maps, masks):
+    """Pixel-level AUROC: each map upsampled to its mask's resolution, all pixels pooled; nan when the
+    pooled masks hold only one class (no defect pixels, or no defect-free ones)."""
+    scores, truths = flatten_pairs(maps, masks)
+    if truths.all() or not truths.any():
+        return float('nan')
+    return float(roc_auc_score(truths, scores))
+
+
+def aupro(maps, masks, max_fpr=AUPRO_MAX_FPR):
+    """Area under the per-region-overlap curve up to `max_fpr`, divided by `max_fpr` (1 is perfect).
+
+    For a threshold t: PRO(t) = mean over the (8-)connected defect regions R of all masks of
+    |{p in R: map(p) > t}| / |R|, FPR(t) = share of defect-free pixels with map > t. Sweeping t over
+    every pixel value, each defect pixel adds 1 / (|R| * n_regions) to PRO and each defect-free pixel
+    1 / n_negatives to FPR, so both curves are cumulative sums over the pixels in decreasing score.
+    nan without defect regions or defect-free pixels.
+    """
+    weights_per_image = []
+    n_regions = 0
+    for mask in masks:
+        regions, count = ndimage.label(mask, structure=EIGHT_NEIGHBOURS)
+        areas = np.bincount(regions.ravel())
+        weight = np.where(regions > 0, 1.0 / areas[regions], 0.0)
+        weights_per_image.append(weight.ravel())
+        n_regions += count
+    scores, truths = flatten_pairs(maps, masks)
+    n_negatives = int((~truths).sum())
+    if n_regions == 0 or n_negatives == 0:
+        return float('nan')
+    region_weights = np.concatenate(weights_per_image) / n_regions
+    order = np.argsort(-scores, kind='stable')
+    sorted_scores = scores[order]
+    pro = np.cumsum(region_weights[order])
+    fpr = np.cumsum(~truths[order]) / n_negatives
+    # equal scores pass a threshold together: keep the last index of each run of equal values
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    fpr, pro = np.r_[0.0, fpr[last_of_run]], np.r_[0.0, pro[last_of_run]]
+    # the curve up to max_fpr, its end interpolated
+    inside = fpr <= max_fpr
+    end_pro = np.interp(max_fpr, fpr, pro)
+    fpr, pro = np.r_[fpr[inside], max_fpr], np.r_[pro[inside], end_pro]
+    area = np.sum(np.diff(fpr) * (pro[1:] + pro[:-1]) / 2)  # trapezoids
+    return float(area / max_fpr)
+
+
+def localize_class(model, test_samples, config, device, out_dir, log=print):
+    """Maps for every test image; a PNG in `out_dir` for each anomalous one; pixel metrics.
+
+    Pixel metrics pool the anomalous images that have a mask and the defect-free test images (their
+    mask is all zeros, as in the MVTec AD protocol), per class and per defect type (that type's images
+    with the defect-free ones). Returns a dict for results.json; metrics are None without any mask.
+    """
+    maps, masks, defect_types = [], [], []
+    n_anomalous = n_with_mask = 0
+    for path, label, defect_type, mask_path in test_samples:
+        if label:
+            n_anomalous += 1
+            png_name = f'{defect_type}_{os.path.splitext(os.path.basename(path))[0]}.png'
+            heat_map, _ = export_map(model, path, defect_type, config, device, os.path.join(out_dir, png_name),
+                                     label=os.path.join(defect_type, os.path.basename(path)), mask_path=mask_path)
+            if mask_path is None:  # no ground truth: the PNG is all we can give
+                continue
+            n_with_mask += 1
+            mask = load_mask(mask_path)
+        else:
+            heat_map, _ = gradient_map(model, path, config, device)
+            with Image.open(path) as image:
+                mask = np.zeros(image.size[::-1], dtype=bool)
+        maps.append(heat_map)
+        masks.append(mask)
+        defect_types.append(defect_type if label else None)
+    log(f'gradient maps: {n_anomalous} PNGs in {out_dir}; {n_with_mask} anomalous images have a mask')
+    result = {'maps_dir': out_dir, 'n_pixel_metric_images': len(maps), 'pixel_auroc': None,
+              'pixel_auroc_per_defect_type': {}, 'aupro': None}
+    if n_with_mask == 0:
+        return result
+    result['pixel_auroc'] = pixel_auroc(maps, masks)
+    result['aupro'] = aupro(maps, masks)
+    for defect_type in sorted(set(defect_types) - {None}):
+        picked = [i for i, d in enumerate(defect_types) if d in (defect_type, None)]
+        result['pixel_auroc_per_defect_type'][defect_type] = pixel_auroc([maps[i] for i in picked],
+                                                                         [masks[i] for i in picked])
+    per_type = ', '.join(f'{k} {v:.4f}' for k, v in result['pixel_auroc_per_defect_type'].items())
+    log(f"pixel AUROC (ours, not in the paper): {result['pixel_auroc']:.4f} ({per_type}); "
+        f"AUPRO@{AUPRO_MAX_FPR}: {result['aupro']:.4f}")
+    return result
+
+
+def map_file_name(image_path, common_root):
+    """A flat PNG name for an image: its path below `common_root` with separators as '__'."""
+    relative = os.path.relpath(os.path.abspath(image_path), common_root)
+    return os.path.splitext(relative)[0].replace(os.sep, '__') + '_map.png'
+

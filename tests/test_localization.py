@@ -1,0 +1,315 @@
+"""Gradient maps, pixel metrics, checkpoints and scoring new images: tiny CPU cases with known answers."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from localization import (aupro, gradient_map, localize_class, pixel_auroc, rotate_back,
+                          upsample_map)
+from main import main
+from model import DifferNet, load_checkpoint
+from train import prepare_model, reference_view_features, scores_of_features
+from utils import UserError, find_class_samples, split_validation, threshold_at_fpr, view_transform
+
+TINY_RUN = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
+            '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
+            '--n_transforms_test', '4', '--batch_size', '4', '--batch_size_test', '2', '--device', 'cpu',
+            '--verbose', 'false', '--adam_fused', 'false', '--feature_cache', 'false']
+
+
+def write_noise_image(path, seed, size=48):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.RandomState(seed).randint(0, 255, size=(size, size, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope='module')
+def masked_tree(tmp_path_factory):
+    """<root>/part/{train/good: 4, test/good: 2, test/hole: 2 with masks, test/stain: 1 without}."""
+    root = tmp_path_factory.mktemp('data')
+    seed = 0
+    for folder, count in {'train/good': 4, 'test/good': 2, 'test/hole': 2, 'test/stain': 1}.items():
+        for i in range(count):
+            seed += 1
+            write_noise_image(str(root / 'part' / folder / f'{i:03d}.png'), seed)
+    for i in range(2):
+        mask = np.zeros((48, 48), dtype=np.uint8)
+        mask[10:20, 12 + i:24] = 255
+        os.makedirs(root / 'part' / 'ground_truth' / 'hole', exist_ok=True)
+        Image.fromarray(mask).save(root / 'part' / 'ground_truth' / 'hole' / f'{i:03d}_mask.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def trained_run(masked_tree, tmp_path_factory):
+    """One tiny run with fixed test rotations (so its test scores are checkpoint scores), best and
+    final checkpoints, and gradient maps."""
+    out = tmp_path_factory.mktemp('run')
+    code = main(['--dataset_path', str(masked_tree), '--class_name', 'part', '--results_dir', str(out),
+                 '--fixed_test_rotations', 'true', '--save_best', 'true', '--grad_map_viz', 'true', *TINY_RUN])
+    assert code == 0
+    with open(out / 'results.json') as handle:
+        return out, json.load(handle)['classes'][0]
+
+
+# --- the maps --------------------------------------------------------------------------------------
+
+def spot_view(angle, spot=(10, 20), size=64):
+    """The view (3, s, s) of a black image with one white pixel at `spot`, rotated by `angle` as
+    utils.view_transform does (normalisation off)."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[spot] = 255
+    config = tiny_config(img_size=size, norm_mean=(0.0, 0.0, 0.0), norm_std=(1.0, 1.0, 1.0))
+    return view_transform(config, angle)(Image.fromarray(pixels))
+
+
+@pytest.mark.parametrize('angle', [90.0, 180.0, 270.0])
+def test_rotate_back_puts_a_spot_where_it_was(angle):
+    view = spot_view(angle)
+    assert view[0, 10, 20] == 0  # the view really moved it
+    back = rotate_back(view[None], [angle])[0, 0]
+    assert back[10, 20] == pytest.approx(1.0, abs=1e-5)
+    assert back.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize('angle', [37.0, 200.0])
+def test_rotate_back_at_any_angle_lands_within_a_pixel(angle):
+    back = rotate_back(spot_view(angle)[None], [angle])[0, 0].numpy()
+    rows, cols = np.mgrid[0:64, 0:64]
+    centre = (float((back * rows).sum() / back.sum()), float((back * cols).sum() / back.sum()))
+    assert abs(centre[0] - 10) < 1.0 and abs(centre[1] - 20) < 1.0
+
+
+def test_map_of_rotated_image_is_rotated_map(tmp_path):
+    """With views every 90 degrees, rotating the image permutes its views: a correct rotation back makes
+    the map turn with the image."""
+    torch.manual_seed(0)
+    config = tiny_config(n_transforms_test=4)
+    model = DifferNet(config)
+    write_noise_image(str(tmp_path / 'a.png'), 7, size=64)
+    Image.open(tmp_path / 'a.png').rotate(90).save(tmp_path / 'b.png')
+    heat, score = gradient_map(model, str(tmp_path / 'a.png'), config, torch.device('cpu'))
+    heat_rotated, score_rotated = gradient_map(model, str(tmp_path / 'b.png'), config, torch.device('cpu'))
+    assert heat.shape == (64, 64) and (heat >= 0).all() and heat.max() > 0
+    assert score_rotated == pytest.approx(score, rel=1e-5)
+    np.testing.assert_allclose(heat_rotated, np.rot90(heat), rtol=1e-3, atol=1e-6 * heat.max())
+    assert not np.allclose(heat_rotated, heat, rtol=1e-3, atol=1e-6 * heat.max())
+
+
+# --- pixel metrics ---------------------------------------------------------------------------------
+
+def test_pixel_auroc_known_cases():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:, 2:] = True
+    columns = np.tile(np.arange(4.0), (4, 1))
+    assert pixel_auroc([columns], [mask]) == 1.0
+    assert pixel_auroc([-columns], [mask]) == 0.0
+    # positives score 0.5 and 2.5, negatives 1, 2, 3: 2 of the 6 pairs are ordered right
+    assert pixel_auroc([np.array([[0.5, 1, 2, 2.5, 3]])], [np.array([[1, 0, 0, 1, 0]], dtype=bool)]) == \
+        pytest.approx(1 / 3)
+    # a 2x2 map upsampled bilinearly to the 4x4 mask: columns 0, 0.25, 0.75, 1
+    small = np.array([[0.0, 1.0], [0.0, 1.0]])
+    np.testing.assert_allclose(upsample_map(small, (4, 4))[0], [0, 0.25, 0.75, 1])
+    assert pixel_auroc([small], [mask]) == 1.0
+    middle = np.zeros((4, 4), dtype=bool)
+    middle[:, 1:3] = True
+    assert pixel_auroc([small], [middle]) == pytest.approx(0.5)
+    assert np.isnan(pixel_auroc([small], [np.zeros((4, 4), dtype=bool)]))
+
+
+def test_aupro_known_cases():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0, 0] = True          # region A: 1 pixel
+    mask[4:6, 4] = True        # region B: 2 pixels
+    perfect = mask.astype(float)
+    assert aupro([perfect], [mask]) == pytest.approx(1.0)
+    # A above every defect-free pixel, B below all of them: PRO stays 0.5 up to FPR 1
+    half = np.full((6, 6), 0.5)
+    half[0, 0], half[4:6, 4] = 1.0, 0.0
+    assert aupro([half], [mask]) == pytest.approx(0.5)
+    assert np.isnan(aupro([perfect], [np.zeros((6, 6), dtype=bool)]))
+    # a diagonal neighbour joins the region (8-connected): (2, 2) found alone covers 1/3 of one region
+    # (4-connected it would be all of {(2, 2)} and none of {(3, 3), (3, 4)}: 0.5)
+    diagonal = np.zeros((6, 6), dtype=bool)
+    diagonal[2, 2] = diagonal[3, 3] = diagonal[3, 4] = True
+    found_one = np.where(diagonal, -1.0, 0.0)
+    found_one[2, 2] = 1.0
+    assert aupro([found_one], [diagonal]) == pytest.approx(1 / 3)
+
+
+def test_masks_come_with_the_samples(masked_tree):
+    _, test_samples = find_class_samples(str(masked_tree), 'part')
+    masks = {(s.defect_type, os.path.basename(s.path)): s.mask_path for s in test_samples}
+    assert masks[('hole', '001.png')] == str(masked_tree / 'part' / 'ground_truth' / 'hole' / '001_mask.png')
+    assert masks[('stain', '000.png')] is None and masks[('good', '000.png')] is None
+
+
+def test_localize_class_writes_pngs_and_scores_pixels(masked_tree, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(n_transforms_test=2)
+    _, test_samples = find_class_samples(str(masked_tree), 'part')
+    result = localize_class(DifferNet(config), test_samples, config, torch.device('cpu'), str(tmp_path / 'maps'),
+                            log=lambda line: None)
+    assert sorted(os.listdir(tmp_path / 'maps')) == ['hole_000.png', 'hole_001.png', 'stain_000.png']
+    assert result['n_pixel_metric_images'] == 4  # 2 good + 2 holes; the stain has no mask
+    assert 0 <= result['pixel_auroc'] <= 1 and 0 <= result['aupro'] <= 1
+    assert set(result['pixel_auroc_per_defect_type']) == {'hole'}
+    assert result['pixel_auroc_per_defect_type']['hole'] == result['pixel_auroc']
+
+
+# --- checkpoints and scoring ---------------------------------------------------------------------------
+
+def test_run_saves_checkpoints_and_maps(trained_run):
+    out, entry = trained_run
+    assert os.path.isfile(out / 'part_checkpoint.pt') and os.path.isfile(out / 'part_best.pt')
+    assert entry['checkpoint'] == 'part_checkpoint.pt'  # relative to the results folder
+    assert len(os.listdir(out / 'maps' / 'part')) == 3
+    assert 0 <= entry['pixel_auroc'] <= 1 and set(entry['pixel_auroc_per_defect_type']) == {'hole'}
+
+
+def test_checkpoint_round_trip_gives_the_run_scores(trained_run, masked_tree):
+    out, entry = trained_run
+    model, checkpoint = load_checkpoint(str(out / 'part_checkpoint.pt'), tiny_config(img_size=448))
+    assert model.img_size == 64 and checkpoint['settings']['n_transforms_test'] == 4
+    assert checkpoint['history']['auroc'] == entry['auroc']
+    train_samples, test_samples = find_class_samples(str(masked_tree), 'part')
+    settings = tiny_config(**checkpoint['settings'], feature_cache=False)
+    prepare_model(model, settings, torch.device('cpu'))
+    features = reference_view_features(model, test_samples, settings, torch.device('cpu'), 'test', lambda line: None)
+    assert scores_of_features(model, features, settings).tolist() == entry['test_scores']
+    training = checkpoint['reference_scores']['training']
+    assert training['n'] == 4 and checkpoint['reference_scores']['validation'] is None
+    features = reference_view_features(model, train_samples, settings, torch.device('cpu'), 'train', lambda line: None)
+    assert scores_of_features(model, features, settings).tolist() == training['scores']
+    assert training['mean'] == pytest.approx(np.mean(training['scores']))
+    assert training['quantiles']['1.0'] == max(training['scores'])
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_scoring_a_folder_with_a_threshold(trained_run, masked_tree, tmp_path, capsys):
+    out, entry = trained_run
+    test_scores = sorted(entry['test_scores'])
+    threshold = (test_scores[2] + test_scores[3]) / 2  # 3 images below, 2 above
+    csv_path = tmp_path / 'scores.csv'
+    code = main(['--score', str(masked_tree / 'part' / 'test'), '--checkpoint', str(out / 'part_checkpoint.pt'),
+                 '--threshold', str(threshold), '--score_out', str(csv_path), '--device', 'cpu',
+                 '--maps', str(tmp_path / 'maps')])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert 'given with --threshold' in printed and '5 images, 2 anomalous' in printed
+    rows = read_csv(csv_path)
+    assert [os.path.relpath(r['file'], masked_tree / 'part' / 'test') for r in rows] == \
+        ['good/000.png', 'good/001.png', 'hole/000.png', 'hole/001.png', 'stain/000.png']
+    by_file = dict(zip(entry['test_files'], entry['test_scores']))  # files relative to the dataset path
+    for row in rows:
+        expected = by_file[os.path.relpath(row['file'], masked_tree)]
+        assert float(row['score']) == pytest.approx(expected, abs=1e-6)
+        assert row['decision'] == ('anomalous' if expected > threshold else 'good')
+    assert sorted(os.listdir(tmp_path / 'maps')) == [
+        'good__000_map.png', 'good__001_map.png', 'hole__000_map.png', 'hole__001_map.png', 'stain__000_map.png']
+
+
+def test_default_threshold_comes_from_training_scores(trained_run, masked_tree, tmp_path, capsys):
+    out, _ = trained_run
+    code = main(['--score', str(masked_tree / 'part' / 'train'), '--checkpoint', str(out / 'part_checkpoint.pt'),
+                 '--score_out', str(tmp_path / 's.csv'), '--device', 'cpu', '--threshold_fpr', '0'])
+    assert code == 0
+    assert "score at false-positive rate 0 on the 4 training images' own scores" in capsys.readouterr().out
+    assert [row['decision'] for row in read_csv(tmp_path / 's.csv')] == ['good'] * 4  # threshold = their max
+
+
+def test_threshold_at_fpr():
+    scores = np.arange(100.0)
+    assert threshold_at_fpr(scores, 0.01) == 98.0   # only 99 exceeds it
+    assert threshold_at_fpr(scores, 0.0) == 99.0
+    assert threshold_at_fpr(scores, 0.1) == 89.0
+    assert threshold_at_fpr([3.0], 0.5) == 3.0
+
+
+def test_validation_share_is_held_out_and_used(masked_tree, tmp_path, capsys):
+    train_samples, _ = find_class_samples(str(masked_tree), 'part')
+    kept, held_out = split_validation(train_samples, 0.25, seed=0)
+    assert len(held_out) == 1 and sorted(kept + held_out) == train_samples
+    assert split_validation(train_samples[::-1], 0.25, seed=0) == (kept, held_out)
+    with pytest.raises(UserError, match='val_fraction'):
+        split_validation(train_samples, 0.9, seed=0)
+    out = tmp_path / 'run'
+    assert main(['--dataset_path', str(masked_tree), '--class_name', 'part', '--results_dir', str(out),
+                 '--val_fraction', '0.25', *TINY_RUN]) == 0
+    checkpoint = torch.load(out / 'part_checkpoint.pt', weights_only=True)
+    validation = checkpoint['reference_scores']['validation']
+    assert validation['files'] == [os.path.relpath(held_out[0][0], masked_tree)]
+    assert checkpoint['reference_scores']['training']['n'] == 3
+    assert validation['files'][0] not in checkpoint['reference_scores']['training']['files']
+    capsys.readouterr()
+    assert main(['--score', held_out[0][0], '--checkpoint', str(out / 'part_checkpoint.pt'), '--device', 'cpu',
+                 '--score_out', str(tmp_path / 's.csv')]) == 0
+    assert 'on the 1 held-out defect-free validation images' in capsys.readouterr().out
+
+
+def official_state_dict(model):
+    """What the official save_weights writes: the whole torchvision AlexNet under `feature_extractor.`
+    (classifier included) and the flow under `nf.`, with the unused BatchNorm entries of each subnet."""
+    import torchvision
+    state = {f'feature_extractor.features.{k}': v.clone() for k, v in
+             model.feature_extractor.features.state_dict().items()}
+    state.update({f'feature_extractor.{k}': v for k, v in torchvision.models.alexnet(weights=None).state_dict().items()
+                  if k.startswith('classifier.')})
+    for key, value in model.nf.state_dict().items():
+        state['nf.' + key] = value.clone()
+        if key.endswith('fc1.weight'):
+            bn = 'nf.' + key[:-len('fc1.weight')] + 'bn.'
+            state.update({bn + 'weight': torch.ones(value.shape[1]), bn + 'bias': torch.zeros(value.shape[1]),
+                          bn + 'running_mean': torch.zeros(value.shape[1]), bn + 'running_var': torch.ones(value.shape[1]),
+                          bn + 'num_batches_tracked': torch.tensor(0)})
+    return state
+
+
+def test_official_state_dict_scores_the_same(masked_tree, tmp_path, capsys):
+    torch.manual_seed(3)
+    config = tiny_config(n_transforms_test=4, n_scales=2, img_size=128, n_coupling_blocks=3, fc_internal=24,
+                         feature_cache=False)
+    model = DifferNet(config).eval()
+    path = tmp_path / 'official.pth'
+    torch.save(official_state_dict(model), path)
+    loaded, checkpoint = load_checkpoint(str(path), tiny_config(img_size=128))
+    assert (checkpoint['settings']['n_scales'], checkpoint['settings']['n_coupling_blocks'],
+            checkpoint['settings']['fc_internal']) == (2, 3, 24)
+    _, test_samples = find_class_samples(str(masked_tree), 'part')
+    cpu = torch.device('cpu')
+    expected = scores_of_features(model, reference_view_features(model, test_samples, config, cpu, '', print), config)
+    got = scores_of_features(loaded, reference_view_features(loaded, test_samples, config, cpu, '', print), config)
+    assert got.tolist() == expected.tolist()
+    capsys.readouterr()
+    args = ['--score', str(masked_tree / 'part' / 'test'), '--checkpoint', str(path), '--img_size', '128',
+            '--n_transforms_test', '4', '--device', 'cpu', '--score_out', str(tmp_path / 's.csv')]
+    assert main(args) == 2  # no reference scores in an official file
+    assert '--threshold' in capsys.readouterr().err
+    assert main(args + ['--threshold', '1.0']) == 0
+    assert [float(r['score']) for r in read_csv(tmp_path / 's.csv')] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize('make_args, message', [
+    (lambda d: ['--score', str(d / 'ok.png'), '--checkpoint', str(d / 'missing.pt')], 'missing.pt does not exist'),
+    (lambda d: ['--score', str(d / 'nothing'), '--checkpoint', str(d / 'c.pt')], 'does not exist'),
+    (lambda d: ['--score', str(d / 'empty'), '--checkpoint', str(d / 'c.pt')], 'no images found'),
+    (lambda d: ['--score', str(d / 'broken.png'), '--checkpoint', str(d / 'c.pt')], 'cannot read image'),
+    (lambda d: ['--score', str(d / 'broken.png')], '--checkpoint FILE go together'),
+    (lambda d: ['--score', str(d / 'ok.png'), '--checkpoint', str(d / 'broken.png')], 'cannot be read'),
+])
+def test_scoring_mistakes_are_one_line_errors(tmp_path, capsys, make_args, message):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'broken.png').write_bytes(b'not a png')
+    write_noise_image(str(tmp_path / 'ok.png'), 0)
+    assert main(make_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
