@@ -437,6 +437,8 @@ def run(config, resume=None):
         print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
               f'Continue exactly where it stopped with:  python main.py --resume {results_dir}', flush=True)
         raise
+    if os.path.isdir(state_dir) and not os.listdir(state_dir):
+        os.rmdir(state_dir)
     print('\n' + results_markdown(results, deviations))
     print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and plots)')
     return results_dir, len(results['failed']), len(results['classes'])

@@ -311,7 +311,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         else:
             log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
         elapsed = elapsed_before + time.time() - start
-        if resume_path:
+        if resume_path and meta_epoch < config.meta_epochs - 1:  # after the last one nothing is left to resume
             save_resume_state(resume_path, meta_epoch, model, optimizer, history, scores, best_scores, elapsed)
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, history, scores, is_new_max)

@@ -83,10 +83,10 @@ def bench_loading(dataset_path, class_name, n_images):
           f'{len(dataset) / seconds:6.1f} images/s', flush=True)
 
 
-def bench_online_sub_epoch(state, dataset_path, class_name, bf16):
+def bench_online_sub_epoch(state, dataset_path, class_name, bf16, num_workers):
     """One training sub epoch of the on-line (official) augmentation on a real class: decode, 4 views,
     AlexNet, 9 flow steps for bottle. The official implementation takes 96 s here (issue 6)."""
-    config = build_config(bf16_autocast=bf16)
+    config = build_config(bf16_autocast=bf16, num_workers=num_workers)
     torch.manual_seed(0)
     model = DifferNet(config, state)
     prepare_extractor(model, config)
@@ -96,8 +96,8 @@ def bench_online_sub_epoch(state, dataset_path, class_name, bf16):
     start = time.perf_counter()
     for features, _ in iterate_features(model, loader, torch.device('cpu'), config):
         flow_step(model, optimizer, features.reshape(-1, features.shape[-1]), config)
-    print(f'on-line sub epoch ({"bf16" if bf16 else "fp32"}, {len(train)} {class_name} images x '
-          f'{config.n_transforms} views): {time.perf_counter() - start:6.1f} s', flush=True)
+    print(f'on-line sub epoch ({"bf16" if bf16 else "fp32"}, num_workers {num_workers}, {len(train)} {class_name} '
+          f'images x {config.n_transforms} views): {time.perf_counter() - start:6.1f} s', flush=True)
 
 
 def full_run(mode, args):
@@ -138,8 +138,8 @@ def main():
         bench_extraction(state, args.extraction_views, args.repeats)
         bench_flow(args.repeats, 96)
         bench_loading(args.dataset_path, args.class_name, 24)
-        for bf16 in (False, True):
-            bench_online_sub_epoch(state, args.dataset_path, args.class_name, bf16)
+        for bf16, num_workers in ((False, 0), (False, 1), (True, 0), (True, 1)):
+            bench_online_sub_epoch(state, args.dataset_path, args.class_name, bf16, num_workers)
     for mode in args.full_run:
         full_run(mode, args)
 
