@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import warnings
 from typing import NamedTuple, Optional
 
@@ -343,7 +344,7 @@ def save_cached_features(cache_dir, key, features, labels):
 
 # --- the embedded demo dataset -------------------------------------------------------------------
 
-DEMO_COUNTS = {'train/good': 8, 'test/good': 4, 'test/scratch': 2, 'test/crack': 2, 'test/stain': 2}
+DEMO_COUNTS = {'train/good': 6, 'test/good': 3, 'test/scratch': 2, 'test/crack': 2, 'test/stain': 2}
 DEMO_IMAGE_SIZE = 224
 
 
@@ -360,13 +361,14 @@ def ensure_demo_dataset(dataset_path):
 def generate_demo_dataset(dataset_path, seed=0):
     """Writes a small deterministic set of photos-like washers in the official layout.
 
-        <dataset_path>/demo_washer/train/good/000.png ...   8 defect-free washers
-        <dataset_path>/demo_washer/test/good/               4 defect-free washers
+        <dataset_path>/demo_washer/train/good/000.png ...   6 defect-free washers
+        <dataset_path>/demo_washer/test/good/               3 defect-free washers
         <dataset_path>/demo_washer/test/{scratch,crack,stain}/   2 each, visible defects
 
     Washers vary a little in position, size, brightness and texture, as parts on a conveyor would.
     """
     rng = np.random.RandomState(seed)
+    shutil.rmtree(os.path.join(dataset_path, DEMO_CLASS), ignore_errors=True)  # no leftovers of another version
     for folder, count in DEMO_COUNTS.items():
         out_dir = os.path.join(dataset_path, DEMO_CLASS, *folder.split('/'))
         os.makedirs(out_dir, exist_ok=True)

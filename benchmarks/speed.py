@@ -7,6 +7,7 @@
 Modes of --full_run (each a `python main.py` run on --dataset_path/--class_name, feature cache off):
     default   config.py as it is
     online    train_feature_pool = 0 (the official on-line augmentation), test cache on
+    pool16    train_feature_pool = 16 (16 views per training image extracted once), test cache on
     official  train_feature_pool = 0, cache_test_features = False, channels_last = False, adam_fused = False
 """
 import argparse
@@ -30,6 +31,7 @@ from utils import MultiViewDataset, find_class_samples  # noqa: E402
 MODES = {
     'default': [],
     'online': ['--train_feature_pool', '0'],
+    'pool16': ['--train_feature_pool', '16'],
     'official': ['--train_feature_pool', '0', '--cache_test_features', 'false', '--channels_last', 'false',
                  '--adam_fused', 'false'],
 }
