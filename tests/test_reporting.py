@@ -113,3 +113,20 @@ def test_btad_tree_runs_without_moving_a_file(tmp_path):
     assert [r['class_name'] for r in results['classes']] == ['01', '02']
     assert all(r['layout'] == 'btad' and r['defect_type_auroc_last'].keys() == {'ko'} for r in results['classes'])
     assert all(mask.endswith('.png') for r in results['classes'] for mask in r['test_mask_files'] if mask)
+
+
+def test_progress_bars_work_and_do_not_flood_a_log_file(official_tree, tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    log_path = tmp_path / 'log.txt'
+    with open(log_path, 'w') as log:
+        result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--dataset_path',
+                                 str(official_tree), '--class_name', 'widget', '--results_dir', str(tmp_path / 'out'),
+                                 '--hide_tqdm_bar', 'false', *TINY[:-2], '--meta_epochs', '3', '--sub_epochs', '3'],
+                                stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    assert result.returncode == 0
+    text = log_path.read_text()
+    assert 'train 0.0' in text  # the bar of the first sub epoch was drawn
+    assert text.count('\r') < 60  # 9 sub epochs + 3 test passes: a few redraws each, not one per step
+    assert text.count('AUROC: last') == 3
