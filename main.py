@@ -387,6 +387,7 @@ def run(config, resume=None):
     deviations = deviations_from_paper(config)
     if resume:
         results_dir, results = resume
+        results['classes'] = [entry for entry in results['classes'] if entry.get('status') == 'done']  # retry others
         done = {(entry['class_name'], entry['seed']) for entry in results['classes']}
         results['failed'], results['in_progress'] = [], None
     else:
