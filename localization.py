@@ -48,15 +48,25 @@ def load_mask(path):
 
 # --- the map ---------------------------------------------------------------------------------------
 
-def input_gradients(model, views):
+def input_gradients(model, views, chunk_size=None):
     """(dL/dviews (n, 3, s, s), score): L = nll_loss of the views through `model`, the score the mean
-    z^2 over views and dimensions (the image's anomaly score from the same pass)."""
-    views = views.detach().clone().requires_grad_(True)
-    z, log_jac_det = model(views)
-    loss = nll_loss(z, log_jac_det)
-    # autograd.grad, not backward: the flow's own .grad fields stay untouched
-    gradients, = torch.autograd.grad(loss, views)
-    return gradients, float(torch.mean(z.detach() ** 2))
+    z^2 over views and dimensions (the image's anomaly score from the same pass).
+
+    L is a mean over views of terms that each depend on one view only, so the views can go through in
+    chunks of `chunk_size` (memory: AlexNet's activations are kept for the backward pass); each chunk's
+    gradient is scaled by its share of the views, which gives the full pass's gradient.
+    """
+    chunk_size = chunk_size or len(views)
+    gradients, squared_sum = [], 0.0
+    for chunk in views.split(chunk_size):
+        chunk = chunk.detach().clone().requires_grad_(True)
+        z, log_jac_det = model(chunk)
+        loss = nll_loss(z, log_jac_det) * (len(chunk) / len(views))
+        # autograd.grad, not backward: the flow's own .grad fields stay untouched
+        gradient, = torch.autograd.grad(loss, chunk)
+        gradients.append(gradient)
+        squared_sum += float(torch.sum(z.detach().double() ** 2))
+    return torch.cat(gradients), squared_sum / (len(views) * model.n_features)
 
 
 def rotate_back(maps, angles):
@@ -88,7 +98,7 @@ def gradient_map(model, image_path, config, device):
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
                                view_seed=config.seed + MAP_VIEW_SEED_OFFSET)
     views = dataset[0][0].to(device)
-    gradients, score = input_gradients(model, views)
+    gradients, score = input_gradients(model, views, config.extract_batch_size)
     heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))
     return heat.cpu().numpy(), score
 

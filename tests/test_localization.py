@@ -313,3 +313,14 @@ def test_scoring_mistakes_are_one_line_errors(tmp_path, capsys, make_args, messa
     assert main(make_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_chunked_input_gradients_equal_one_pass():
+    from localization import input_gradients
+    torch.manual_seed(0)
+    model = DifferNet(tiny_config()).eval()
+    views = torch.randn(6, 3, 64, 64)
+    whole, score = input_gradients(model, views)
+    chunked, chunked_score = input_gradients(model, views, chunk_size=4)
+    assert torch.allclose(whole, chunked, rtol=1e-4, atol=1e-9)
+    assert chunked_score == pytest.approx(score, rel=1e-5)
