@@ -65,4 +65,5 @@ device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'
 num_workers = 0  # DataLoader worker processes decoding and augmenting images
 verbose = True  # print the loss of every sub epoch and the AUROC of every meta epoch
 hide_tqdm_bar = True  # hide progress bars (official default)
-resume_state = True  # after each meta epoch write the state --resume needs (about 2 GB for the paper's flow)
+resume_state = True  # write the state --resume needs after a meta epoch (about 2 GB for the paper's flow)
+resume_interval_s = 120  # write the resume state only when this many seconds passed since the last write (0: every meta epoch)

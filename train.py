@@ -268,6 +268,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         log(f'resumed after meta epoch {state["meta_epoch"]} from {resume_path}')
 
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
+    last_state_write = start
     for meta_epoch in range(first_meta_epoch, config.meta_epochs):
         model.train()
         if config.verbose:
@@ -311,8 +312,12 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         else:
             log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
         elapsed = elapsed_before + time.time() - start
-        if resume_path and meta_epoch < config.meta_epochs - 1:  # after the last one nothing is left to resume
+        # after the last meta epoch nothing is left to resume; between writes at most resume_interval_s
+        # of training is redone by --resume (each write is ~2 GB at paper size)
+        if resume_path and meta_epoch < config.meta_epochs - 1 and \
+                time.time() - last_state_write >= config.resume_interval_s:
             save_resume_state(resume_path, meta_epoch, model, optimizer, history, scores, best_scores, elapsed)
+            last_state_write = time.time()
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, history, scores, is_new_max)
     return finish_history(history, observer, scores, best_scores, test_labels, elapsed_before + time.time() - start)

@@ -156,7 +156,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 RESUMABLE = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '32',
              '--n_coupling_blocks', '2', '--meta_epochs', '5', '--sub_epochs', '3', '--n_transforms', '2',
-             '--n_transforms_test', '3', '--batch_size', '2', '--feature_cache', 'false', '--train_feature_pool', '0']
+             '--n_transforms_test', '3', '--batch_size', '2', '--feature_cache', 'false', '--train_feature_pool', '0',
+             '--resume_interval_s', '0']
 
 
 def test_interrupted_by_signal_then_resumed_gives_the_uninterrupted_results(official_tree, tmp_path):
