@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from freia_funcs import nll_loss
+from train import TEST_VIEW_SEED_OFFSET
 from utils import MultiViewDataset, Sample, fixed_angles, load_rgb
 
 matplotlib.use('Agg')  # files only, never a window
@@ -37,7 +38,6 @@ BLUR_SIGMA = 3.0  # paper and official code
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, scipy.ndimage.gaussian_filter's default (official blur)
 AUPRO_MAX_FPR = 0.3  # the MVTec AD convention: PRO integrated over false-positive rates 0..0.3
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=int)  # defect regions: 8-connected, as the MVTec AD evaluation code
-MAP_VIEW_SEED_OFFSET = 1_000  # = train.TEST_VIEW_SEED_OFFSET: colour jitter, if on, draws as the test views
 
 
 def load_mask(path):
@@ -96,7 +96,7 @@ def gradient_map(model, image_path, config, device):
     model.eval()
     angles = fixed_angles(config.n_transforms_test)
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
-                               view_seed=config.seed + MAP_VIEW_SEED_OFFSET)
+                               view_seed=config.seed + TEST_VIEW_SEED_OFFSET)  # colour jitter draws as the test views
     views = dataset[0][0].to(device)
     gradients, score = input_gradients(model, views, config.extract_batch_size)
     heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))

@@ -242,8 +242,7 @@ def save_checkpoint(path, model, config, weights_source, history, reference_scor
         'history': history, 'reference_scores': reference_scores,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(checkpoint, path + '.part')
-    os.replace(path + '.part', path)
+    replace_atomically(path, lambda part: torch.save(checkpoint, part))
 
 
 def load_checkpoint(path, config):
