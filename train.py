@@ -241,7 +241,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
             'test views', log, fixed_rotations=config.fixed_test_rotations)
     else:
         test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
-                                    fixed_rotations=config.fixed_test_rotations)
+                                    fixed_rotations=config.fixed_test_rotations, keep_images=True)
         test_loader = make_loader(test_set, config.batch_size_test, False, config,
                                   usable_num_workers(test_set, config, log))
         test_labels = test_set.labels
@@ -249,7 +249,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         pool, _ = fixed_view_features(model, train_samples, config.train_feature_pool,
                                       config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool', log)
     else:
-        train_set = MultiViewDataset(train_samples, config.n_transforms, config)
+        train_set = MultiViewDataset(train_samples, config.n_transforms, config, keep_images=True)
         train_loader = make_loader(train_set, config.batch_size, True, config,
                                    usable_num_workers(train_set, config, log))
 

@@ -247,10 +247,13 @@ def load_rgb(path):
         raise UserError(f'cannot read image {path} ({type(error).__name__}); replace or remove it') from None
 
 
-def view_transform(config, rotation_angle=None):
-    """PIL image -> normalized tensor, as the official code: Resize((s, s)) on the PIL image, then
-    RandomRotation(180) (or the fixed `rotation_angle`), optional ColorJitter, ToTensor, Normalize."""
-    steps = [transforms.Resize((config.img_size, config.img_size))]
+def resize_transform(config):
+    return transforms.Resize((config.img_size, config.img_size))
+
+
+def augment_transform(config, rotation_angle=None):
+    """The steps of `view_transform` after the (deterministic) resize: the random ones and the tensor."""
+    steps = []
     if rotation_angle is not None:
         steps.append(transforms.Lambda(lambda image: TF.rotate(image, rotation_angle)))
     elif config.transf_rotations:
@@ -261,6 +264,12 @@ def view_transform(config, rotation_angle=None):
                                             saturation=config.transf_saturation))
     steps += [transforms.ToTensor(), transforms.Normalize(config.norm_mean, config.norm_std)]
     return transforms.Compose(steps)
+
+
+def view_transform(config, rotation_angle=None):
+    """PIL image -> normalized tensor, as the official code: Resize((s, s)) on the PIL image, then
+    RandomRotation(180) (or the fixed `rotation_angle`), optional ColorJitter, ToTensor, Normalize."""
+    return transforms.Compose([resize_transform(config), augment_transform(config, rotation_angle)])
 
 
 def fixed_angles(n_views):
@@ -275,23 +284,38 @@ class MultiViewDataset(Dataset):
     whatever the order, batching or worker that loads it: the same image always gets the same views,
     which is what lets extracted features be pooled and cached. With `fixed_rotations` the views are
     rotated by i * 360 / n_views degrees.
+
+    Each image is decoded and resized once per item rather than once per view (the resize is
+    deterministic, so the views are the same tensors as the official per-view Compose). With
+    `keep_images`, the resized image is kept in memory (img_size^2 x 3 bytes per image: 126 MB for
+    bottle's 209) and later epochs skip decoding: it saves ~8 s per on-line sub epoch on bottle. Workers
+    each keep their own copy, so it only pays off with persistent workers or none.
     """
 
-    def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None):
+    def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None, keep_images=False):
         self.samples = list(samples)
         self.n_views = n_views
         self.view_seed = view_seed
+        self.resize = resize_transform(config)
+        self.kept_images = {} if keep_images else None
         if fixed_rotations:
-            self.view_transforms = [view_transform(config, angle) for angle in fixed_angles(n_views)]
+            self.view_transforms = [augment_transform(config, angle) for angle in fixed_angles(n_views)]
         else:
-            self.view_transforms = [view_transform(config)] * n_views
+            self.view_transforms = [augment_transform(config)] * n_views
 
     def __len__(self):
         return len(self.samples)
 
+    def resized_image(self, index):
+        if self.kept_images is not None and index in self.kept_images:
+            return self.kept_images[index]
+        image = self.resize(load_rgb(self.samples[index].path))
+        if self.kept_images is not None:
+            self.kept_images[index] = image
+        return image
+
     def __getitem__(self, index):
-        path, label = self.samples[index].path, self.samples[index].label
-        image = load_rgb(path)
+        image, label = self.resized_image(index), self.samples[index].label
         if self.view_seed is None:
             return torch.stack([transform(image) for transform in self.view_transforms]), label
         with torch.random.fork_rng(devices=[]):

@@ -1,12 +1,14 @@
 """Datasets: labels, defect types, views, and the one-line errors for bad trees."""
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import tiny_config, write_image
 from utils import (MultiViewDataset, Sample, UserError, ensure_demo_dataset, scan_class,
-                   find_class_samples, fixed_angles)
+                   find_class_samples, fixed_angles, load_rgb, view_transform)
 
 
 def test_labels_and_defect_types(official_tree):
@@ -48,6 +50,31 @@ def test_random_views_follow_torch_seed(official_tree):
     torch.manual_seed(7)
     assert torch.equal(first, dataset[0][0])
     assert not torch.equal(first[0], first[1])
+
+
+def test_kept_images_give_the_views_of_the_official_per_view_transform(official_tree):
+    """Resizing once per image (and keeping it between epochs) must give exactly the views, and use
+    exactly the random numbers, of the official Compose applied to the decoded image once per view."""
+    config = tiny_config(transf_rotations=True)
+    folder = official_tree / 'widget' / 'train' / 'good'
+    samples = []
+    for i, size in enumerate([(90, 70), (33, 120)]):  # resized to 64x64: the resize is not the identity
+        path = str(folder / f'odd{i}.png')
+        pixels = np.random.RandomState(i).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        samples.append(Sample(path, 0, 'good'))
+    official = view_transform(config)
+    torch.manual_seed(3)
+    expected = [torch.stack([official(load_rgb(sample.path)) for _ in range(4)]) for sample in samples * 2]
+    after_official = torch.rand(1)
+    dataset = MultiViewDataset(samples, 4, config, keep_images=True)
+    torch.manual_seed(3)
+    got = [dataset[i % 2][0] for i in range(4)]  # the second pass reads the kept images
+    assert len(dataset.kept_images) == 2
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.rand(1), after_official)
+    assert not torch.equal(got[0], got[2])  # new random rotations, not kept views
 
 
 def test_fixed_rotations_are_evenly_spaced(official_tree):
