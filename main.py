@@ -367,11 +367,14 @@ def run(config, resume=None):
     `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
     continues from its last finished meta epoch, the rest run as planned.
     """
-    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, find_class_samples, resolve_device,
-                       results_markdown, write_results_files)
+    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, bf16_advice, ensure_demo_dataset, find_class_samples,
+                       has_native_bf16, resolve_device, results_markdown, write_results_files)
 
     validate_config(config)
     device = resolve_device(config.device)
+    advice = bf16_advice(config, device, has_native_bf16(device))
+    if advice:
+        print(advice)
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
     names = class_names(config)

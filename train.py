@@ -95,7 +95,16 @@ def extract_all_features(model, loader, device, config, description=''):
 def fixed_view_features(model, samples, n_views, view_seed, config, device, description, log=print,
                         fixed_rotations=False):
     """Features (N_images, n_views, D) of views drawn once from `view_seed`, from the disk cache when
-    it holds exactly these files, settings, seed and weights; computed (and stored) otherwise."""
+    it holds exactly these files, settings, seed and weights; computed (and stored) otherwise.
+
+    Either way torch's global random stream is left as it was (a DataLoader draws its base seed from
+    it even without workers), so training runs the same whether the features came from the cache."""
+    with torch.random.fork_rng(devices=[]):
+        return _fixed_view_features(model, samples, n_views, view_seed, config, device, description, log,
+                                    fixed_rotations)
+
+
+def _fixed_view_features(model, samples, n_views, view_seed, config, device, description, log, fixed_rotations):
     dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
     key = None
     if config.feature_cache:

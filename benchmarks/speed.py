@@ -126,6 +126,9 @@ def full_run(mode, args):
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
+    if os.path.isdir(out):  # main.py's own output, with the time of each extraction, next to its results
+        with open(os.path.join(out, 'run.log'), 'w') as handle:
+            handle.write(result.stdout + result.stderr)
     if result.returncode != 0:
         print(f'full run {mode}: failed ({result.stderr.strip()[-300:]})', flush=True)
         return

@@ -1,12 +1,14 @@
 """The speed-ups return exactly what the on-line path computes, and a stale feature cache is never used."""
 import os
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_config
 from model import DifferNet
-from train import extract_all_features, fixed_view_features, make_loader, pool_batches
-from utils import MultiViewDataset, find_class_samples
+from train import extract_all_features, fixed_view_features, make_loader, pool_batches, train_class
+from utils import MultiViewDataset, bf16_advice, find_class_samples, has_native_bf16
 
 DEVICE = torch.device('cpu')
 
@@ -104,3 +106,30 @@ def test_extraction_batches_do_not_change_features(official_tree):
     many, _ = extract_all_features(model, make_loader(dataset, 4, False, big_config), DEVICE, big_config)
     assert torch.allclose(one, many, atol=1e-6)
     assert one.shape == (len(test), 3, 256)
+
+
+def test_bf16_advice_warns_where_bf16_is_emulated_and_suggests_it_where_native():
+    cpu = torch.device('cpu')
+    on, off = tiny_config(bf16_autocast=True), tiny_config(bf16_autocast=False)
+    assert bf16_advice(on, cpu, native_bf16=False).startswith('warning: bf16_autocast is on')
+    assert '--bf16_autocast false' in bf16_advice(on, cpu, native_bf16=False)
+    assert '--bf16_autocast true' in bf16_advice(off, cpu, native_bf16=True)
+    assert bf16_advice(on, cpu, native_bf16=True) is None
+    assert bf16_advice(off, cpu, native_bf16=False) is None
+    assert isinstance(has_native_bf16(cpu), bool)
+
+
+@pytest.mark.parametrize('pool', [0, 3])
+def test_training_is_the_same_whether_features_come_from_the_disk_cache(official_tree, tmp_path, pool):
+    """A cached run must not skip a random draw that a computing run makes (the DataLoader's base seed)."""
+    config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'), train_feature_pool=pool,
+                         sub_epochs=2, meta_epochs=2)
+    train, test = find_class_samples(str(official_tree), 'widget')
+    histories, messages = [], []
+    for _ in range(2):  # the first run extracts and stores, the second reads the cache
+        torch.manual_seed(5)
+        model = DifferNet(config)
+        histories.append(train_class(model, train, test, config, DEVICE, log=messages.append))
+    assert any('from the feature cache' in message for message in messages)
+    assert histories[0]['train_loss'] == histories[1]['train_loss']
+    assert histories[0]['test_scores'] == histories[1]['test_scores']
