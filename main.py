@@ -279,7 +279,6 @@ def checkpoint_saver(model, config, weights_source, class_name, train_samples, v
     defect-free images at the fixed rotations: the validation images, and `max_reference_images` of the
     training images (evenly spaced in sorted order; 0 = all). Their features are extracted at the first
     save only; later saves rerun just the flow."""
-    import torch
     from model import save_checkpoint
     from train import reference_view_features, scores_of_features
     from utils import score_statistics
@@ -292,13 +291,12 @@ def checkpoint_saver(model, config, weights_source, class_name, train_samples, v
 
     def save(path, history):
         if not features:
-            # the data loaders draw a seed from torch's global generator: fork it, so that training runs
-            # the same random stream whether or not (and whenever) a checkpoint is saved
-            with torch.random.fork_rng(devices=[]):
-                for name, samples in references.items():
-                    if samples:
-                        features[name] = reference_view_features(model, samples, config, device,
-                                                                 f'{name} reference views')
+            # train.fixed_view_features leaves torch's random stream as it was, so training runs the same
+            # whether or not (and whenever) a checkpoint is saved
+            for name, samples in references.items():
+                if samples:
+                    features[name] = reference_view_features(model, samples, config, device,
+                                                             f'{name} reference views')
         statistics = {name: None for name in references}
         for name, samples in references.items():
             if samples:

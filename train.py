@@ -100,27 +100,22 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
     Either way torch's global random stream is left as it was (a DataLoader draws its base seed from
     it even without workers), so training runs the same whether the features came from the cache."""
     with torch.random.fork_rng(devices=[]):
-        return _fixed_view_features(model, samples, n_views, view_seed, config, device, description, log,
-                                    fixed_rotations)
-
-
-def _fixed_view_features(model, samples, n_views, view_seed, config, device, description, log, fixed_rotations):
-    dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
-    key = None
-    if config.feature_cache:
-        key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config)
-        cached = load_cached_features(config.feature_cache_dir, key)
-        if cached is not None:
-            log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
-            return cached[0].to(device), cached[1]
-    started = time.time()
-    loader = make_loader(dataset, max(1, config.extract_batch_size // n_views), False, config,
-                         usable_num_workers(dataset, config, log))
-    features, labels = extract_all_features(model, loader, device, config, description)
-    log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
-    if key is not None:
-        save_cached_features(config.feature_cache_dir, key, features, labels)
-    return features, labels
+        dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
+        key = None
+        if config.feature_cache:
+            key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config)
+            cached = load_cached_features(config.feature_cache_dir, key)
+            if cached is not None:
+                log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
+                return cached[0].to(device), cached[1]
+        started = time.time()
+        loader = make_loader(dataset, max(1, config.extract_batch_size // n_views), False, config,
+                             usable_num_workers(dataset, config, log))
+        features, labels = extract_all_features(model, loader, device, config, description)
+        log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
+        if key is not None:
+            save_cached_features(config.feature_cache_dir, key, features, labels)
+        return features, labels
 
 
 def flow_step(model, optimizer, features, config):
