@@ -49,7 +49,7 @@ cache_test_features = True  # deviation: draw the test views once per class (fro
 feature_cache = True  # keep extracted pool/test features on disk, keyed by files, settings, seed and weights
 feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
-bf16_autocast = False  # speed-up only where bf16 is native: bfloat16 AlexNet and flow (changes numbers, not AUROC in parity; README)
+bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers); 'auto': bf16 only where the device computes it natively
 
 # --- checkpoints, scoring, gradient maps ---
 save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (<class>_checkpoint.pt is always saved)

@@ -84,6 +84,9 @@ class ConfigArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message}\n')
 
 
+AUTO_SETTINGS = ('bf16_autocast',)  # true/false settings that also take 'auto' (decided per device at the start)
+
+
 def parse_command_line(argv):
     """Returns (config, other options). Every config.py value is an option `--name VALUE`."""
     parser = ConfigArgumentParser(
@@ -95,6 +98,8 @@ def parse_command_line(argv):
         default = defaults[name]
 
         def typed(text, default=default, name=name):
+            if name in AUTO_SETTINGS and text.strip().lower() == 'auto':
+                return 'auto'
             try:
                 return parse_value(text, default)
             except (ValueError, SyntaxError):
@@ -140,6 +145,8 @@ def validate_config(config):
     validate_threshold_fpr(config)
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
+    if config.bf16_autocast not in (True, False, 'auto'):
+        raise UserError(f"bf16_autocast = {config.bf16_autocast!r} must be true, false or 'auto'")
     if not class_names(config):
         raise UserError("class_name is empty; name a class folder, e.g. --class_name bottle")
 
@@ -365,14 +372,14 @@ def run(config, resume=None):
     `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
     continues from its last finished meta epoch, the rest run as planned.
     """
-    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, bf16_advice, ensure_demo_dataset, find_class_samples,
+    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, choose_precision, ensure_demo_dataset, find_class_samples,
                        has_native_bf16, resolve_device, results_markdown, write_results_files)
 
     validate_config(config)
     device = resolve_device(config.device)
-    advice = bf16_advice(config, device, has_native_bf16(device))
-    if advice:
-        print(advice)
+    use_bf16, precision = choose_precision(config.bf16_autocast, device, has_native_bf16(device))
+    print(precision)
+    config = build_config(**{**vars(config), 'bf16_autocast': use_bf16})  # results.json holds the choice
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
     names = class_names(config)

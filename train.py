@@ -103,7 +103,8 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
         dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
         key = None
         if config.feature_cache:
-            key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config)
+            key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config,
+                                    device)
             cached = load_cached_features(config.feature_cache_dir, key)
             if cached is not None:
                 log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')

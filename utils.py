@@ -31,11 +31,13 @@ Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden file
 import csv
 import difflib
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import tempfile
 import warnings
 from typing import NamedTuple, Optional
 
@@ -84,16 +86,22 @@ def has_native_bf16(device):
         return False
 
 
-def bf16_advice(config, device, native_bf16):
-    """One line on `bf16_autocast` for this device, or None: it pays off only where bfloat16 is native
-    (README, Performance: 1.6x faster on-line sub epochs there, 4x to 100x slower steps elsewhere)."""
-    if config.bf16_autocast and not native_bf16:
-        return (f'warning: bf16_autocast is on but {device.type} has no native bfloat16 here: AlexNet and the '
-                f'flow run several times slower than in fp32; use --bf16_autocast false')
-    if not config.bf16_autocast and native_bf16 and device.type == 'cpu':
-        return ('note: this CPU computes bfloat16 natively: --bf16_autocast true makes on-line training about '
-                '1.6x faster; it did not move AUROC in the bottle parity runs (README, Performance)')
-    return None
+def choose_precision(setting, device, native_bf16):
+    """(use_bf16, the line that says what was chosen and why) for `bf16_autocast` = True, False or 'auto'.
+
+    'auto' takes bfloat16 only where `device` computes it natively (CUDA with bf16; CPUs with AMX or
+    AVX512-BF16): elsewhere it is emulated and AlexNet and the flow run several times slower than in
+    float32 (docs/performance.md)."""
+    where = f'{device.type} computes bfloat16 natively' if native_bf16 else f'{device.type} has no native bfloat16'
+    if setting == 'auto':
+        return native_bf16, f"precision: {'bfloat16' if native_bf16 else 'float32'} (bf16_autocast auto: {where})"
+    if setting and not native_bf16:
+        return True, (f'warning: precision: bfloat16 (bf16_autocast true) although {where}: AlexNet and the flow '
+                      f'run several times slower than in float32; use --bf16_autocast auto or false')
+    if setting:
+        return True, 'precision: bfloat16 (bf16_autocast true)'
+    hint = '; --bf16_autocast auto would use it (docs/performance.md)' if native_bf16 else ''
+    return False, f'precision: float32 (bf16_autocast false, as the paper; {where}{hint})'
 
 
 def image_extensions():
@@ -353,17 +361,23 @@ class MultiViewDataset(Dataset):
 
 FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
                     'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
+FEATURE_CACHE_FORMAT = 2  # raise when what a cache file holds, or how its key is made, changes
 
 
-def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config):
+def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config, device):
     """A digest of everything extracted features depend on: each file (path, modification time, size),
-    the transform and extractor settings, the number of views, their seed, and the AlexNet weights."""
+    the transform and extractor settings, the number of views, their seed, the AlexNet weights, and the
+    arithmetic: device type, torch version and, on CUDA, TF32 (other kernels give other float rounding)."""
     files = []
     for sample in samples:
         stat = os.stat(sample.path)
         files.append([os.path.abspath(sample.path), stat.st_mtime_ns, stat.st_size, sample.label, sample.defect_type])
-    key = {'files': files, 'n_views': n_views, 'view_seed': view_seed, 'fixed_rotations': fixed_rotations,
-           'weights': weights_digest, 'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
+    arithmetic = {'device': torch.device(device).type, 'torch': torch.__version__}
+    if arithmetic['device'] == 'cuda':
+        arithmetic['tf32'] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    key = {'format': FEATURE_CACHE_FORMAT, 'files': files, 'n_views': n_views, 'view_seed': view_seed,
+           'fixed_rotations': fixed_rotations, 'weights': weights_digest, 'arithmetic': arithmetic,
+           'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -476,16 +490,44 @@ def json_safe(value):
 
 
 def replace_atomically(path, write):
-    """Calls write(temporary path), then renames it to `path`: a reader (or a resumed run) never sees half
-    a file, and the temporary file does not survive a failure or an interruption."""
-    part = path + '.part'
+    """Calls write(temporary path), syncs it to disk, then renames it to `path`: a reader (or a resumed
+    run) never sees half a file, even after a power cut, and the temporary file does not survive a
+    failure or an interruption. Each call gets its own temporary file beside `path`, so processes
+    writing the same file at once (ranks of a sweep, two runs sharing the feature cache) never touch
+    each other's; the last rename wins and every reader sees one whole file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, part = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.part')
+    os.close(handle)
     try:
+        os.chmod(part, 0o666 & ~current_umask())  # mkstemp's 0600 would make results private to one user
         write(part)
+        sync_file(part)
         os.replace(part, path)
     except BaseException:
         if os.path.exists(part):
             os.remove(part)
         raise
+    sync_file(folder)  # the rename itself reaches the disk
+
+
+def sync_file(path):
+    """fsync of a file or folder; some file systems cannot sync folders, which only costs durability."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path, data):
@@ -504,7 +546,7 @@ def as_float(value):
 
 def write_text_atomic(path, text):
     def write(part):
-        with open(part, 'w') as handle:
+        with open(part, 'w', newline='', encoding='utf-8') as handle:
             handle.write(text)
     replace_atomically(path, write)
 
@@ -769,10 +811,11 @@ def collect_images(paths):
 
 
 def write_scores_csv(path, rows):
-    """CSV with a header `file,score,decision`, one row per image."""
+    """CSV with a header `file,score,decision`, one row per image, written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', newline='') as handle:
-        writer = csv.writer(handle)
-        writer.writerow(['file', 'score', 'decision'])
-        for file, score, decision in rows:
-            writer.writerow([file, f'{score:.9g}', decision])  # 9 digits: a float32 exactly
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(['file', 'score', 'decision'])
+    for file, score, decision in rows:
+        writer.writerow([file, f'{score:.9g}', decision])  # 9 digits: a float32 exactly
+    write_text_atomic(path, text.getvalue())

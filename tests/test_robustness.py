@@ -190,7 +190,7 @@ def test_interrupted_by_signal_then_resumed_gives_the_uninterrupted_results(offi
     interrupted = json.loads((stopped / 'results.json').read_text())
     assert [entry['class_name'] for entry in interrupted['classes']] == ['widget']
     assert interrupted['in_progress']['class_name'] == 'gadget'
-    assert not list(stopped.glob('*.part')) and os.path.isfile(stopped / 'resume' / 'gadget_seed0.pt')
+    assert not [p for p in stopped.iterdir() if p.name.endswith('.part')] and os.path.isfile(stopped / 'resume' / 'gadget_seed0.pt')
 
     resumed = subprocess.run([sys.executable, main_py, '--resume', str(stopped)], capture_output=True, text=True,
                              env=env, timeout=600)

@@ -1,4 +1,5 @@
 """The speed-ups return exactly what the on-line path computes, and a stale feature cache is never used."""
+import json
 import os
 
 import numpy as np
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from main import main as main_entry
 from model import DifferNet
 from train import extract_all_features, fixed_view_features, make_loader, pool_batches, train_class
-from utils import MultiViewDataset, bf16_advice, find_class_samples, has_native_bf16
+from utils import MultiViewDataset, choose_precision, find_class_samples, has_native_bf16
 
 DEVICE = torch.device('cpu')
 
@@ -108,15 +110,46 @@ def test_extraction_batches_do_not_change_features(official_tree):
     assert one.shape == (len(test), 3, 256)
 
 
-def test_bf16_advice_warns_where_bf16_is_emulated_and_suggests_it_where_native():
-    cpu = torch.device('cpu')
-    on, off = tiny_config(bf16_autocast=True), tiny_config(bf16_autocast=False)
-    assert bf16_advice(on, cpu, native_bf16=False).startswith('warning: bf16_autocast is on')
-    assert '--bf16_autocast false' in bf16_advice(on, cpu, native_bf16=False)
-    assert '--bf16_autocast true' in bf16_advice(off, cpu, native_bf16=True)
-    assert bf16_advice(on, cpu, native_bf16=True) is None
-    assert bf16_advice(off, cpu, native_bf16=False) is None
-    assert isinstance(has_native_bf16(cpu), bool)
+@pytest.mark.parametrize('device_type', ['cpu', 'cuda'])
+def test_precision_auto_takes_bf16_only_where_native_and_says_why(device_type):
+    device = torch.device(device_type)
+    assert choose_precision('auto', device, native_bf16=True) == (
+        True, f'precision: bfloat16 (bf16_autocast auto: {device_type} computes bfloat16 natively)')
+    assert choose_precision('auto', device, native_bf16=False) == (
+        False, f'precision: float32 (bf16_autocast auto: {device_type} has no native bfloat16)')
+    forced, line = choose_precision(True, device, native_bf16=False)
+    assert forced and line.startswith('warning:') and '--bf16_autocast auto or false' in line
+    assert choose_precision(True, device, native_bf16=True) == (True, 'precision: bfloat16 (bf16_autocast true)')
+    off, line = choose_precision(False, device, native_bf16=True)
+    assert not off and '--bf16_autocast auto would use it' in line
+    assert choose_precision(False, device, native_bf16=False)[0] is False
+
+
+def test_native_bf16_check_follows_cuda_and_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
+    assert has_native_bf16(torch.device('cuda')) is True
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: False)
+    assert has_native_bf16(torch.device('cuda')) is False
+    assert isinstance(has_native_bf16(torch.device('cpu')), bool)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tmp_path, monkeypatch, capsys, native):
+    import utils
+    monkeypatch.setattr(utils, 'has_native_bf16', lambda device: native)
+    out = tmp_path / 'run'
+    assert main_entry(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(out),
+                       '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2', '--fc_internal', '32',
+                       '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2', '--n_transforms_test', '2',
+                       '--pretrained', 'false', '--device', 'cpu', '--feature_cache', 'false',
+                       '--bf16_autocast', 'auto']) == 0
+    printed = capsys.readouterr().out
+    expected = 'bfloat16 (bf16_autocast auto: cpu computes' if native else 'float32 (bf16_autocast auto: cpu has no'
+    assert f'precision: {expected}' in printed
+    with open(out / 'results.json') as handle:
+        assert json.load(handle)['config']['bf16_autocast'] is native
+    with open(out / 'results.md') as handle:
+        assert ('bf16_autocast' in handle.read()) is native  # the deviation list names the choice
 
 
 @pytest.mark.parametrize('pool', [0, 3])
