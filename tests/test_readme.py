@@ -92,12 +92,28 @@ def test_readme_sections_in_the_issue_order():
     assert headings == README_SECTIONS
 
 
+def heading_anchors(text):
+    """The anchors GitHub gives the headings of a markdown text."""
+    prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', text, flags=re.S | re.M)
+    return {re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+            for heading in re.findall(r'^#+ (.+)$', prose, flags=re.M)}
+
+
 def test_readme_links_to_existing_files():
     targets = re.findall(r'\]\(([^)#\s]+)', read('README.md'))
-    local = [target for target in targets if '://' not in target]
-    assert 'docs/configuration.md' in local and 'docs/bottle_gradient_map.png' in local
-    for target in local:
-        assert os.path.exists(os.path.join(REPO_ROOT, target)), target
+    assert 'docs/configuration.md' in targets and 'docs/bottle_gradient_map.png' in targets
+
+
+@pytest.mark.parametrize('name', doc_names())
+def test_links_lead_to_files_and_headings_that_exist(name):
+    for target, anchor in re.findall(r'\]\(([^)#\s]*)(?:#([^)\s]+))?\)', read(name)):
+        if '://' in target:
+            continue
+        path = os.path.normpath(os.path.join(REPO_ROOT, os.path.dirname(name), target or os.path.basename(name)))
+        assert os.path.exists(path), f'{name} links to {target}, which does not exist'
+        if anchor:
+            with open(path) as handle:
+                assert anchor in heading_anchors(handle.read()), f'{name} links to {target}#{anchor}: no such heading'
 
 
 def test_configuration_md_is_the_table_config_py_generates():
