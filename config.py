@@ -43,7 +43,7 @@ batch_size = 24  # training images per step (each with n_transforms views: 96 fe
 batch_size_test = 1  # test images per flow pass (official: batch_size * n_transforms // n_transforms_test)
 extract_batch_size = 16  # views per AlexNet pass; memory only, the features do not depend on it
 
-# --- speed (see README, Performance: each measured against the official behaviour) ---
+# --- speed (docs/performance.md and docs/faithfulness.md: each measured against the official behaviour) ---
 train_feature_pool = 0  # K > 0: extract K random views per training image once, draw n_transforms per epoch from them
 cache_test_features = True  # deviation: draw the test views once per class (from the seed) and reuse them every meta epoch
 feature_cache = True  # keep extracted pool/test features on disk, keyed by files, settings, seed and weights
