@@ -11,8 +11,20 @@ sys.path.insert(0, REPO_ROOT)
 
 from main import build_config  # noqa: E402
 
-GOLDEN_DIR = os.environ.get('DIFFERNET_GOLDEN', os.path.join(REPO_ROOT, '..', 'shared', 'golden'))
+# The official code's reference numbers ship with the tests; DIFFERNET_GOLDEN points every golden test at
+# another folder of the same format (e.g. freshly regenerated ones).
+GOLDEN_DIR = os.environ.get('DIFFERNET_GOLDEN', os.path.join(REPO_ROOT, 'tests', 'golden'))
+# Real images are not shipped (MVTec AD's licence and size): tests that need them skip without them.
 DATA_DIR = os.environ.get('DIFFERNET_DATA', os.path.join(REPO_ROOT, '..', 'shared', 'data'))
+
+
+def require_data(relative_path):
+    """DATA_DIR/relative_path, or a skip naming DIFFERNET_DATA when it is not on this machine."""
+    path = os.path.join(DATA_DIR, relative_path)
+    if not os.path.exists(path):
+        pytest.skip(f'needs real images: {relative_path} not under {DATA_DIR} (set DIFFERNET_DATA to the folder '
+                    f'holding mvtec/bottle)')
+    return path
 
 
 def tiny_config(**overrides):
@@ -40,3 +52,19 @@ def official_tree(tmp_path):
             color = tuple(int(v) for v in rng.randint(0, 255, size=3))
             write_image(str(root / 'widget' / folder / f'{i:03d}.png'), color)
     return root
+
+
+@pytest.fixture(scope='session')
+def imagenet_state():
+    """The real ImageNet AlexNet `features` weights, from wherever this machine can get them; a skip when
+    it can get none (offline, empty cache). A digest mismatch is not a skip: it fails."""
+    from model import load_imagenet_alexnet_features
+    from utils import UserError
+    try:
+        state, _ = load_imagenet_alexnet_features()
+    except UserError as error:
+        if str(error).startswith('no ImageNet AlexNet weights could be obtained'):
+            pytest.skip('needs the ImageNet AlexNet weights, which this machine cannot get (README, '
+                        '"ImageNet weights, offline")')
+        raise
+    return state
