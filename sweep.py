@@ -337,8 +337,8 @@ def run_sweep(config, launch, resume=None):
                 write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
                     config, plan['names'], plan['problems'], read_job_files(results_dir), resume and resume[1]))
     except KeyboardInterrupt:
-        print(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/; run only the others with the same '
-              f'launch and:  main.py --resume {results_dir}', flush=True)
+        print(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
+              f'torchrun options and:  main.py --resume {results_dir}', flush=True)
         raise
     store.add('ranks_finished', 1)
     if launch.rank != 0:
