@@ -378,24 +378,19 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
         entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
         if entry['status'] != 'done':
             message = entry['error']
-    except UserError as error:
-        message = str(error)
-        print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
-    except (RuntimeError, MemoryError) as error:
-        if not is_out_of_memory(error) and not catch_all:
-            raise
-        if is_out_of_memory(error):
+    except Exception as error:  # MemoryError included
+        if isinstance(error, UserError):
+            message = str(error)
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
             message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
-        else:
-            message = f'{type(error).__name__}: {error}'
+            print(f'error: {message}', flush=True)
+        elif catch_all:
             traceback.print_exc()
-        print(f'error: {message}', flush=True)
-    except Exception as error:
-        if not catch_all:
+            message = f'{type(error).__name__}: {error}'
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        else:
             raise
-        message = f'{type(error).__name__}: {error}'
-        traceback.print_exc()
-        print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
     record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
     if state_path and os.path.isfile(state_path):
         os.remove(state_path)

@@ -13,6 +13,7 @@ torchrun of one process) does not come here: main.run() does the jobs one after 
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -22,6 +23,7 @@ from utils import UserError, read_json, write_json_atomic
 from utils import results_markdown, write_results_files  # tables and plots of a run, as a one-process run writes them
 
 JOBS_DIR = 'jobs'
+JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
 POLL_S = 0.5  # how often rank 0 looks whether the other processes are done
 STORE_TIMEOUT = datetime.timedelta(hours=2)  # the longest a process waits for rank 0's plan
 BYTES_PER_VALUE = 4  # float32 parameters and Adam moments
@@ -228,7 +230,7 @@ def read_job_files(results_dir):
     records = {}
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
-            if name.endswith('.json'):
+            if JOB_FILE_NAME.fullmatch(name):  # not the temporary file of a write in progress
                 record = read_json(os.path.join(folder, name))
                 records[(record['class_name'], record['seed'])] = record
     return records
@@ -336,15 +338,15 @@ def run_sweep(config, launch, resume=None):
             if launch.rank == 0:  # results.json follows the sweep while it runs
                 write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
                     config, plan['names'], plan['problems'], read_job_files(results_dir), resume and resume[1]))
+        store.add('ranks_finished', 1)
+        if launch.rank != 0:
+            return results_dir, 0, 0
+        while store.add('ranks_finished', 0) < launch.world_size:
+            time.sleep(POLL_S)
     except KeyboardInterrupt:
         print(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
               f'torchrun options and:  main.py --resume {results_dir}', flush=True)
         raise
-    store.add('ranks_finished', 1)
-    if launch.rank != 0:
-        return results_dir, 0, 0
-    while store.add('ranks_finished', 0) < launch.world_size:
-        time.sleep(POLL_S)
     results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir),
                              resume and resume[1])
     deviations = deviations_from_paper(config)

@@ -19,6 +19,7 @@ from conftest import REPO_ROOT, tiny_config
 from freia_funcs import DifferNetFlow
 from main import main
 from model import DifferNet, save_checkpoint
+from utils import write_json_atomic
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2',
         '--fc_internal', '32', '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2',
@@ -85,6 +86,7 @@ def test_sweep_over_two_processes_equals_one_process_and_reports_a_failing_job(t
             assert expected[key] == got[key], (expected['class_name'], key)
         assert 'checkpoint' in expected and 'checkpoint' not in got
     assert not list(swept.glob('*.pt')) and not (swept / 'resume').exists()
+    assert 'reference views' in printed and 'reference views' not in launch.stdout  # not extracted for nothing
     assert [f['class_name'] for f in many['failed']] == ['broken']
     assert 'zero-byte file' in many['failed'][0]['error']
     assert sorted(p.name for p in (swept / 'jobs').iterdir()) == \
@@ -153,6 +155,21 @@ def test_killed_rank_then_resume_runs_only_the_missing_jobs(tmp_path):
     assert len(results['classes']) == 6 and results['failed'] == [] and results['in_progress'] is None
     assert all(len(entry['auroc']) == 3 for entry in results['classes'])
     assert not (out / 'resume').exists()  # every job's resume state went when the job ended
+
+
+def test_one_process_resume_of_a_sweep_folder_keeps_its_finished_jobs(official_tree, tmp_path, capsys):
+    common = ['--dataset_path', str(official_tree), '--class_name', 'widget', '--seeds', '0,1', *TINY]
+    assert main([*common, '--results_dir', str(tmp_path / 'one')]) == 0
+    entry = read_results(tmp_path / 'one')['classes'][0]
+    out = tmp_path / 'sweep'  # as a sweep stopped after its first job leaves it
+    out.mkdir()
+    write_json_atomic(str(out / 'results.json'), {**read_results(tmp_path / 'one'), 'classes': []})
+    sweep.write_job_file(str(out), 'widget', 0, entry, None, rank=1)
+    capsys.readouterr()
+    assert main(['--resume', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '=== widget (seed 1' in printed and '=== widget (seed 0' not in printed
+    assert [(e['class_name'], e['seed']) for e in read_results(out)['classes']] == [('widget', 0), ('widget', 1)]
 
 
 def test_jobs_are_handed_out_largest_first(tmp_path):
@@ -225,3 +242,17 @@ def test_plain_runs_are_not_sweeps():
     assert sweep.torchrun_launch({'LOCAL_RANK': '0', 'RANK': '0', 'WORLD_SIZE': '1'}) is None  # torchrun of one
     launch = sweep.torchrun_launch({'LOCAL_RANK': '1', 'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_WORLD_SIZE': '4'})
     assert launch == sweep.Launch(rank=5, world_size=8, local_rank=1, local_world_size=4, restart=0)
+
+
+def test_a_crashing_job_is_recorded_in_a_sweep_and_raises_in_a_plain_run(monkeypatch, tmp_path):
+    import main as main_module
+
+    def crash(*args):
+        raise ValueError('a bug')
+    monkeypatch.setattr(main_module, 'run_class', crash)
+    recorded = []
+    main_module.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: recorded.append(both),
+                        catch_all=True)
+    assert recorded == [(None, {'class_name': 'widget', 'seed': 3, 'error': 'ValueError: a bug'})]
+    with pytest.raises(ValueError):
+        main_module.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: None)
