@@ -98,7 +98,7 @@ class Launch(NamedTuple):
     world_size: int
     local_rank: int
     local_world_size: int
-    restart: int  # torchrun --max_restarts: each attempt gets its own keys in the store
+    restart: int  # torchrun --max_restarts: each attempt has its own keys in the store, continues the folder
 
 
 def torchrun_launch(environ=None):
@@ -283,6 +283,10 @@ def make_plan(config, resume, launch):
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
     names, problems = checked_class_names(config)
+    earlier_attempt = os.path.join(config.results_dir, 'results.json') if config.results_dir else ''
+    if not resume and launch.restart and os.path.isfile(earlier_attempt):
+        resume = (config.results_dir, read_json(earlier_attempt))
+        print(f'torchrun restarted the processes (attempt {launch.restart + 1}): continuing {config.results_dir}')
     if resume:
         results_dir, earlier = resume
     else:

@@ -256,3 +256,14 @@ def test_a_crashing_job_is_recorded_in_a_sweep_and_raises_in_a_plain_run(monkeyp
     assert recorded == [(None, {'class_name': 'widget', 'seed': 3, 'error': 'ValueError: a bug'})]
     with pytest.raises(ValueError):
         main_module.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: None)
+
+
+def test_a_restarted_attempt_continues_its_results_dir(official_tree, tmp_path, capsys):
+    out = tmp_path / 'out'
+    config = tiny_config(dataset_path=str(official_tree), class_name='widget', seeds=(0, 1), results_dir=str(out))
+    first = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=0))
+    assert [job['seed'] for job in first['jobs']] == [0, 1] and (out / 'results.json').is_file()
+    sweep.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
+    again = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=1))  # torchrun --max_restarts
+    assert again['results_dir'] == str(out) and [job['seed'] for job in again['jobs']] == [0]
+    assert 'continuing' in capsys.readouterr().out
