@@ -272,7 +272,8 @@ def merged_results(config, names, problems, records, earlier=None):
 # --- the sweep ---------------------------------------------------------------------------------------------
 
 def make_plan(config, resume, launch):
-    """Rank 0: checks the run, creates (or reopens) the results folder, lists the jobs to run."""
+    """Rank 0: checks the run, creates (or reopens) the results folder, lists the jobs to run. Returns
+    (the plan every process gets, the earlier results.json of the folder or None)."""
     from main import checked_class_names, fresh_results_dir, validate_config
     from utils import (DEMO_CLASS, DEMO_DATASET_PATH, bf16_advice, ensure_demo_dataset, has_native_bf16,
                        resolve_device)
@@ -303,7 +304,7 @@ def make_plan(config, resume, launch):
     print(disk_text(config, len(jobs), min(launch.world_size, len(jobs))), flush=True)
     print(f'sweep: {len(jobs)} jobs over {launch.world_size} processes'
           + (f' ({len(done)} done before)' if done else '') + f', results in {results_dir}/', flush=True)
-    return {'results_dir': results_dir, 'names': names, 'problems': problems, 'jobs': jobs}
+    return {'results_dir': results_dir, 'names': names, 'problems': problems, 'jobs': jobs}, earlier
 
 
 def run_sweep(config, launch, resume=None):
@@ -314,13 +315,13 @@ def run_sweep(config, launch, resume=None):
     store = connect_store(launch)
     if launch.rank == 0:
         try:
-            plan = make_plan(config, resume, launch)
+            plan, earlier = make_plan(config, resume, launch)
         except BaseException as error:  # the others wait for the plan: tell them to stop
             store.set('plan', json.dumps({'error': f'{type(error).__name__}: {error}'}))
             raise
         store.set('plan', json.dumps(plan))
     else:
-        plan = json.loads(store.get('plan'))
+        plan, earlier = json.loads(store.get('plan')), None
         if 'error' in plan:
             raise RankZeroError(plan['error'])
     device = rank_device(config, launch)
@@ -341,7 +342,7 @@ def run_sweep(config, launch, resume=None):
                   f'{time.time() - started:.1f} s' + (' (error above)' if finished['error'] else ''), flush=True)
             if launch.rank == 0:  # results.json follows the sweep while it runs
                 write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
-                    config, plan['names'], plan['problems'], read_job_files(results_dir), resume and resume[1]))
+                    config, plan['names'], plan['problems'], read_job_files(results_dir), earlier))
         store.add('ranks_finished', 1)
         if launch.rank != 0:
             return results_dir, 0, 0
@@ -351,8 +352,7 @@ def run_sweep(config, launch, resume=None):
         print(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
               f'torchrun options and:  main.py --resume {results_dir}', flush=True)
         raise
-    results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir),
-                             resume and resume[1])
+    results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir), earlier)
     deviations = deviations_from_paper(config)
     write_results_files(results_dir, results, deviations)
     state_dir = os.path.join(results_dir, 'resume')

@@ -261,9 +261,10 @@ def test_a_crashing_job_is_recorded_in_a_sweep_and_raises_in_a_plain_run(monkeyp
 def test_a_restarted_attempt_continues_its_results_dir(official_tree, tmp_path, capsys):
     out = tmp_path / 'out'
     config = tiny_config(dataset_path=str(official_tree), class_name='widget', seeds=(0, 1), results_dir=str(out))
-    first = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=0))
+    first, _ = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=0))
     assert [job['seed'] for job in first['jobs']] == [0, 1] and (out / 'results.json').is_file()
     sweep.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
-    again = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=1))  # torchrun --max_restarts
+    again, earlier = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=1))  # torchrun --max_restarts
     assert again['results_dir'] == str(out) and [job['seed'] for job in again['jobs']] == [0]
+    assert earlier['config']['results_dir'] == str(out)
     assert 'continuing' in capsys.readouterr().out
