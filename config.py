@@ -52,7 +52,8 @@ channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float r
 bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers); 'auto': bf16 only where the device computes it natively
 
 # --- checkpoints, scoring, gradient maps ---
-save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (<class>_checkpoint.pt is always saved)
+save_checkpoint = True  # write <class>_checkpoint.pt and its reference scores at the end of each job (690 MB at paper size); False for sweeps
+save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (independent of save_checkpoint)
 val_fraction = 0.0  # share of train/good kept out of training (seeded) to set the --score threshold; 0 uses the training images
 max_reference_images = 32  # training images scored at fixed rotations for the checkpoint's score statistics (0 = all)
 threshold_fpr = 0.01  # --score threshold: the score this share of held-out (or training) defect-free images exceeds

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 import types
 
 import config as default_config
@@ -198,6 +199,7 @@ NUMBER_NEUTRAL_SETTINGS = {
                      'random stream either way',
     'feature_cache_dir': 'where that cache lives',
     'save_best': 'one more checkpoint file; its reference views fork the random stream',
+    'save_checkpoint': 'writes the checkpoint at the end of a job; its reference views fork the random stream',
     'resume_state': 'writes the --resume state; draws no random numbers',
     'resume_interval_s': 'how often that state is written',
     'grad_map_viz': 'runs after training and adds maps and a pixel AUROC; changes none of the image-level numbers',
@@ -256,8 +258,8 @@ def load_run_to_resume(results_dir):
 
 
 def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resume_path=None):
-    """Trains and evaluates one class with `config.seed`, saves its checkpoint (and with grad_map_viz its
-    gradient maps and pixel metrics); returns its results entry.
+    """Trains and evaluates one class with `config.seed`, saves its checkpoint (with save_checkpoint) and
+    with grad_map_viz its gradient maps and pixel metrics; returns its results entry.
 
     A NaN/inf loss returns the entry of the meta epochs finished before, with `status` 'diverged'.
     """
@@ -299,10 +301,11 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
     entry = class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status)
     entry['n_validation_images'] = len(val_samples)
     if status == 'done':
-        checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
-        save(checkpoint_path, history)
-        print(f'Checkpoint: {checkpoint_path}', flush=True)
-        entry['checkpoint'] = os.path.basename(checkpoint_path)
+        if config.save_checkpoint:  # off, the reference views are never extracted either
+            checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
+            save(checkpoint_path, history)
+            print(f'Checkpoint: {checkpoint_path}', flush=True)
+            entry['checkpoint'] = os.path.basename(checkpoint_path)
         if config.grad_map_viz:
             from localization import localize_class
             entry.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem),
@@ -398,22 +401,44 @@ def is_out_of_memory(error):
         "can't allocate memory" in str(error).lower()
 
 
-def run(config, resume=None):
-    """Runs every requested (class, seed); returns (results folder, failed runs, runs done).
+def run_job(config, class_name, seed, device, results_dir, record, on_progress=None, catch_all=False):
+    """Runs one (class, seed) job; calls record(entry or None, failure or None) when it ends, then removes
+    its resume state (which has served). A failure is {class_name, seed, error}; a diverged run has both.
 
-    `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
-    continues from its last finished meta epoch, the rest run as planned.
+    User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
+    with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
     """
-    from utils import (DEMO_CLASS, DEMO_DATASET_PATH, choose_precision, ensure_demo_dataset, find_class_samples,
-                       has_native_bf16, resolve_device, results_markdown, write_results_files)
+    seed_config = build_config(**{**vars(config), 'seed': seed})
+    state_path = None
+    if config.resume_state:
+        os.makedirs(os.path.join(results_dir, 'resume'), exist_ok=True)
+        state_path = os.path.join(results_dir, 'resume', f'{class_name}_seed{seed}.pt')
+    entry = message = None
+    try:
+        entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
+        if entry['status'] != 'done':
+            message = entry['error']
+    except Exception as error:  # MemoryError included
+        if isinstance(error, UserError):
+            message = str(error)
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
+            message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
+            print(f'error: {message}', flush=True)
+        elif catch_all:
+            traceback.print_exc()
+            message = f'{type(error).__name__}: {error}'
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        else:
+            raise
+    record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
+    if state_path and os.path.isfile(state_path):
+        os.remove(state_path)
 
-    validate_config(config)
-    device = resolve_device(config.device)
-    use_bf16, precision = choose_precision(config.bf16_autocast, device, has_native_bf16(device))
-    print(precision)
-    config = build_config(**{**vars(config), 'bf16_autocast': use_bf16})  # results.json holds the choice
-    if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
-        print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
+
+def checked_class_names(config):
+    """(class names, {class: why it cannot run}); raises UserError when no class can run."""
+    from utils import find_class_samples
     names = class_names(config)
     problems = {}
     for class_name in names:  # a mistyped class fails now, not after hours of another
@@ -424,20 +449,62 @@ def run(config, resume=None):
     if len(problems) == len(names):
         raise UserError(next(iter(problems.values())) if len(names) == 1 else
                         'no class can run: ' + '; '.join(problems.values()))
+    return names, problems
+
+
+def with_precision(config, device):
+    """(config with bf16_autocast decided for `device`, the line saying what was chosen and why): runs,
+    results.json and checkpoints hold the choice, not 'auto'."""
+    from utils import choose_precision, has_native_bf16
+    use_bf16, line = choose_precision(config.bf16_autocast, device, has_native_bf16(device))
+    return build_config(**{**vars(config), 'bf16_autocast': use_bf16}), line
+
+
+def run(config, resume=None):
+    """Runs every requested (class, seed); returns (results folder, failed runs, runs done).
+
+    `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
+    continues from its last finished meta epoch, the rest run as planned.
+    """
+    from sweep import disk_text, finished_job_entries
+    from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, resolve_device
+    from utils import results_markdown, write_results_files
+
+    validate_config(config)
+    device = resolve_device(config.device)
+    config, precision = with_precision(config, device)
+    print(precision)
+    if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
+        print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
+    names, problems = checked_class_names(config)
     deviations = deviations_from_paper(config)
     if resume:
         results_dir, results = resume
         results['classes'] = [entry for entry in results['classes'] if entry.get('status') == 'done']  # retry others
         done = {(entry['class_name'], entry['seed']) for entry in results['classes']}
+        for entry in finished_job_entries(results_dir):  # jobs a sweep (torchrun) finished
+            if (entry['class_name'], entry['seed']) not in done:
+                results['classes'].append(entry)
+                done.add((entry['class_name'], entry['seed']))
         results['failed'], results['in_progress'] = [], None
     else:
         results_dir = fresh_results_dir(config)
         results, done = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
                          'in_progress': None}, set()
+    n_jobs = sum((name, seed) not in done for name in names if name not in problems for seed in run_seeds(config))
+    print(disk_text(config, n_jobs), flush=True)
     state_dir = os.path.join(results_dir, 'resume')
 
     def save_progress(entry):
         results['in_progress'] = entry
+        write_results_files(results_dir, results, deviations)
+
+    def record(entry, failure):
+        if entry is not None:
+            results['classes'].append(entry)
+        if failure is not None:
+            results['failed'].append(failure)
+        results['in_progress'] = None
         write_results_files(results_dir, results, deviations)
 
     try:
@@ -448,31 +515,8 @@ def run(config, resume=None):
                 write_results_files(results_dir, results, deviations)
                 continue
             for seed in run_seeds(config):
-                if (class_name, seed) in done:
-                    continue
-                seed_config = build_config(**{**vars(config), 'seed': seed})
-                state_path = None
-                if config.resume_state:
-                    os.makedirs(state_dir, exist_ok=True)
-                    state_path = os.path.join(state_dir, f'{class_name}_seed{seed}.pt')
-                try:
-                    entry = run_class(seed_config, class_name, device, results_dir, save_progress, state_path)
-                    results['classes'].append(entry)
-                    if entry['status'] != 'done':
-                        results['failed'].append({'class_name': class_name, 'seed': seed, 'error': entry['error']})
-                except UserError as error:
-                    print(f'error: class {class_name} (seed {seed}) failed: {error}', flush=True)
-                    results['failed'].append({'class_name': class_name, 'seed': seed, 'error': str(error)})
-                except (RuntimeError, MemoryError) as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
-                    print(f'error: {message}', flush=True)
-                    results['failed'].append({'class_name': class_name, 'seed': seed, 'error': message})
-                results['in_progress'] = None
-                write_results_files(results_dir, results, deviations)
-                if state_path and os.path.isfile(state_path):
-                    os.remove(state_path)  # the class is finished: its resume state has served
+                if (class_name, seed) not in done:
+                    run_job(config, class_name, seed, device, results_dir, record, save_progress)
     except KeyboardInterrupt:
         write_results_files(results_dir, results, deviations)
         print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
@@ -555,11 +599,20 @@ def raise_keyboard_interrupt(signal_number, frame):
 
 
 def main(argv=None):
-    """Exit status: 0 all runs done, 1 some failed, 2 nothing could run (user error), 130 interrupted."""
+    """Exit status: 0 all runs done, 1 some failed, 2 nothing could run (user error), 130 interrupted.
+
+    Under torchrun with two or more processes the runs are a sweep (sweep.py): every process takes jobs;
+    rank 0 merges and exits with the status of the whole sweep, the others with 0 (2 or 130 as above).
+    """
+    from sweep import RankZeroError, prefix_output, run_sweep, torchrun_launch
+    launch = torchrun_launch()
+    restore_output = prefix_output(launch) if launch else None
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
         config, args = parse_command_line(sys.argv[1:] if argv is None else argv)
         if args.score or args.checkpoint:
+            if launch:
+                raise UserError('--score runs in one process: python main.py --score ..., not under torchrun')
             score(config, args)
             return 0
         resume = None
@@ -567,14 +620,22 @@ def main(argv=None):
             config, previous = load_run_to_resume(args.resume)
             resume = (args.resume, previous)
             print(f'Resuming {args.resume} with its own configuration (other options are ignored)')
-        _, n_failed, n_done = run(config, resume)
+        if launch:
+            _, n_failed, n_done = run_sweep(config, launch, resume)
+            if launch.rank != 0:
+                return 0
+        else:
+            _, n_failed, n_done = run(config, resume)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        if not isinstance(error, RankZeroError):
+            print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if restore_output:
+            restore_output()
     if n_failed:
         print(f'error: {n_failed} run(s) failed; see above and results.md', file=sys.stderr)
         return 1 if n_done else 2
