@@ -19,7 +19,6 @@ import traceback
 import types
 
 import config as default_config
-from utils import UserError
 
 PAPER_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
 
@@ -45,6 +44,7 @@ def build_config(**overrides):
 
     Raises UserError for a name config.py does not have.
     """
+    from utils import UserError
     values = config_defaults()
     for name, value in overrides.items():
         if name not in values:
@@ -129,6 +129,7 @@ POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal',
 
 def validate_config(config):
     """Raises UserError for values that cannot work, naming the value and the fix."""
+    from utils import UserError
     for name in POSITIVE_INTEGERS:
         if getattr(config, name) < 1:
             raise UserError(f'{name} = {getattr(config, name)} must be at least 1')
@@ -153,12 +154,14 @@ def validate_config(config):
 
 
 def validate_threshold_fpr(config):
+    from utils import UserError
     if not 0 <= config.threshold_fpr < 1:
         raise UserError(f'threshold_fpr = {config.threshold_fpr} must be in [0, 1), e.g. 0.01')
 
 
 def class_names(config):
     """The requested classes: one name, a comma-separated list (or a list in config.py), or 'all'."""
+    from utils import UserError
     from utils import class_folders
     names = config.class_name
     if isinstance(names, str):
@@ -231,6 +234,7 @@ def deviations_from_paper(config):
 def fresh_results_dir(config):
     """`results_dir` if given (created; refused if an earlier run wrote there), else
     results/<date>_<time>_<classes>; never an existing run's folder."""
+    from utils import UserError
     if config.results_dir:
         if os.path.isfile(os.path.join(config.results_dir, 'results.json')):
             raise UserError(f'results_dir {config.results_dir} holds an earlier run; choose another folder, '
@@ -249,6 +253,7 @@ def fresh_results_dir(config):
 
 def load_run_to_resume(results_dir):
     """(config, results) of the run in `results_dir`, for --resume."""
+    from utils import UserError
     from utils import read_json
     path = os.path.join(results_dir, 'results.json')
     if not os.path.isfile(path):
@@ -408,6 +413,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
     User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
     with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
     """
+    from utils import UserError
     seed_config = build_config(**{**vars(config), 'seed': seed})
     state_path = None
     if config.resume_state:
@@ -438,6 +444,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
 
 def checked_class_names(config):
     """(class names, {class: why it cannot run}); raises UserError when no class can run."""
+    from utils import UserError
     from utils import find_class_samples
     names = class_names(config)
     problems = {}
@@ -450,6 +457,11 @@ def checked_class_names(config):
         raise UserError(next(iter(problems.values())) if len(names) == 1 else
                         'no class can run: ' + '; '.join(problems.values()))
     return names, problems
+
+
+POOL_WARNING = ('warning: train_feature_pool {pool} draws training views from a fixed pool; on MVTec screw (not '
+                'rotation-symmetric) the flow memorized the pool and AUROC fell from 0.846 to 0.615 over the '
+                'schedule (docs/performance.md); 0, the official on-line views, is the safe choice')
 
 
 def with_precision(config, device):
@@ -474,6 +486,8 @@ def run(config, resume=None):
     device = resolve_device(config.device)
     config, precision = with_precision(config, device)
     print(precision)
+    if config.train_feature_pool:
+        print(POOL_WARNING.format(pool=config.train_feature_pool))
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
         print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
     names, problems = checked_class_names(config)
@@ -531,6 +545,7 @@ def run(config, resume=None):
 
 def score(config, args):
     """The --score command, after checking its options go together."""
+    from utils import UserError
     if not args.score or not args.checkpoint:
         raise UserError('--score PATH... and --checkpoint FILE go together, e.g. '
                         '--score data/new_parts --checkpoint results/RUN/bottle_checkpoint.pt')
@@ -553,6 +568,7 @@ def score_images(config, paths, checkpoint_path, threshold=None, score_out='scor
     """The `--score` command: scores the images of `paths` with the checkpoint, decides with the
     threshold, prints a table, writes the CSV (and a gradient-map PNG per image into `maps_dir`).
     Returns the rows (file, score, decision)."""
+    from utils import UserError
     from localization import export_map, map_file_name
     from model import load_checkpoint
     from train import prepare_model, reference_view_features, scores_of_features
@@ -604,12 +620,16 @@ def main(argv=None):
     Under torchrun with two or more processes the runs are a sweep (sweep.py): every process takes jobs;
     rank 0 merges and exits with the status of the whole sweep, the others with 0 (2 or 130 as above).
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        parse_command_line(argv)  # prints the help and exits before torch is imported: about a second
+    from utils import UserError
     from sweep import RankZeroError, prefix_output, run_sweep, torchrun_launch
     launch = torchrun_launch()
     restore_output = prefix_output(launch) if launch else None
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
-        config, args = parse_command_line(sys.argv[1:] if argv is None else argv)
+        config, args = parse_command_line(argv)
         if args.score or args.checkpoint:
             if launch:
                 raise UserError('--score runs in one process: python main.py --score ..., not under torchrun')

@@ -307,12 +307,14 @@ def run_sweep(config, launch, resume=None):
     """This process's part of the sweep: takes jobs from the store until none is left; rank 0 then waits
     for the others and writes the merged results. Returns (results folder, failed jobs, jobs done): the
     counts of the whole sweep on rank 0, (.., 0, 0) on the others."""
-    from main import deviations_from_paper, run_job, with_precision
+    from main import POOL_WARNING, deviations_from_paper, run_job, with_precision
     from utils import resolve_device
     store = connect_store(launch)
     config, precision = with_precision(config, resolve_device(config.device))  # the same on every rank
     if launch.rank == 0:
         print(precision, flush=True)
+        if config.train_feature_pool:
+            print(POOL_WARNING.format(pool=config.train_feature_pool), flush=True)
         try:
             plan, earlier = make_plan(config, resume, launch)
         except BaseException as error:  # the others wait for the plan: tell them to stop

@@ -86,3 +86,11 @@ def test_tiny_run_writes_results_json(official_tree, tmp_path):
     assert entry['auroc'][entry['max_auroc_epoch']] == entry['max_auroc']
     assert entry['last_auroc'] == entry['auroc'][-1] and entry['wall_time_s'] > 0
     assert results['config']['meta_epochs'] == 2 and results['config']['lr_init'] == 2e-4
+
+
+def test_help_answers_without_importing_torch():
+    """--help is read before anything heavy: torch alone takes seconds to import."""
+    script = ('import sys\nimport main\ntry:\n    main.main(["--help"])\nexcept SystemExit:\n    pass\n'
+              'print("torch imported" if "torch" in sys.modules else "torch not imported")')
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert '--bf16_autocast' in done.stdout and done.stdout.strip().endswith('torch not imported'), done.stderr

@@ -36,6 +36,7 @@ def test_demo_reaches_auroc_1_and_repeats_exactly(demo_root, tmp_path, capsys):
     assert second['train_loss'] == first['train_loss']
 
 
-def test_feature_pool_mode_reaches_auroc_1(demo_root, tmp_path):
+def test_feature_pool_mode_reaches_auroc_1_and_warns(demo_root, tmp_path, capsys):
     result = run(demo_root, tmp_path / 'pool', '--train_feature_pool', '8')
     assert result['max_auroc'] == 1.0
+    assert 'warning: train_feature_pool 8 draws training views from a fixed pool' in capsys.readouterr().out
