@@ -365,8 +365,9 @@ def run(config, resume=None):
     `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
     continues from its last finished meta epoch, the rest run as planned.
     """
+    from report import results_markdown, write_results_files
     from utils import (DEMO_CLASS, DEMO_DATASET_PATH, bf16_advice, ensure_demo_dataset, find_class_samples,
-                       has_native_bf16, resolve_device, results_markdown, write_results_files)
+                       has_native_bf16, resolve_device)
 
     validate_config(config)
     device = resolve_device(config.device)
@@ -443,6 +444,7 @@ def run(config, resume=None):
         os.rmdir(state_dir)
     print('\n' + results_markdown(results, deviations))
     print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and plots)')
+    print(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it in a browser)")
     return results_dir, len(results['failed']), len(results['classes'])
 
 
