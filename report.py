@@ -363,7 +363,7 @@ def write_paper_comparison_plot(results_dir, runs):
     axis.set_ylabel('image-level AUROC')
     axis.set_title('Ours against the paper and a published reproduction')
     axis.grid(alpha=0.3, axis='y')
-    axis.legend(fontsize='small', loc='lower left')
+    axis.legend(fontsize='small', loc='best')
     figure.tight_layout()
     save_figure(figure, os.path.join(results_dir, 'paper_comparison.png'))
     plt.close(figure)
@@ -384,7 +384,9 @@ td.better { color: #0a7a2f; } td.worse { color: #b3261e; }
 .meta, .note { color: #555; font-size: 0.9em; } .warn { color: #b3261e; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figures img { max-width: 100%; border: 1px solid #eee; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 0.6em; }
+.pair { display: grid; grid-template-columns: 5fr 7fr; gap: 1em; align-items: start; }
+.pair img { width: 100%; border: 1px solid #eee; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 0.6em; }
 .gallery figure { margin: 0; } .gallery img { width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.8em; color: #555; }
 table.settings td { text-align: left; font-family: ui-monospace, monospace; font-size: 0.9em; }
@@ -395,8 +397,9 @@ _embedded_images = {}  # absolute path -> ((mtime, size, width, format), data UR
 
 
 def image_data_uri(path, max_width, image_format='PNG'):
-    """The image at `path` as a data URI, scaled down to `max_width` pixels wide if wider; PNG for plots,
-    JPEG (quality 85) for the photographs of the gradient maps, a tenth of the size."""
+    """The image at `path` as a data URI: a PNG no wider than `max_width` as its own bytes; anything else
+    scaled down to `max_width` pixels wide and re-encoded (JPEG, quality 85, for the photographs of the
+    gradient maps: a tenth of their PNG size)."""
     from PIL import Image
     stat = os.stat(path)
     stamp = (stat.st_mtime_ns, stat.st_size, max_width, image_format)
@@ -404,12 +407,20 @@ def image_data_uri(path, max_width, image_format='PNG'):
     if cached and cached[0] == stamp:
         return cached[1]
     with Image.open(path) as image:
-        image = image.convert('RGB')
-    if image.width > max_width:
-        image = image.resize((max_width, max(1, round(image.height * max_width / image.width))), Image.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **({'quality': 85} if image_format == 'JPEG' else {'optimize': True}))
-    uri = f'data:image/{image_format.lower()};base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
+        as_is = image.format == 'PNG' == image_format and image.width <= max_width
+        if not as_is:
+            image = image.convert('RGB')
+            if image.width > max_width:
+                image = image.resize((max_width, max(1, round(image.height * max_width / image.width))),
+                                     Image.LANCZOS)
+    if as_is:  # the per-class plots are redrawn at every refresh: copying their bytes keeps that cheap
+        with open(path, 'rb') as handle:
+            data = handle.read()
+    else:
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format, **({'quality': 85} if image_format == 'JPEG' else {}))
+        data = buffer.getvalue()
+    uri = f'data:image/{image_format.lower()};base64,' + base64.b64encode(data).decode('ascii')
     _embedded_images[os.path.abspath(path)] = (stamp, uri)
     return uri
 
@@ -491,9 +502,9 @@ def class_section_html(results_dir, run, stem):
     parts = [f'<h2 id="{html.escape(stem)}">{html.escape(run["class_name"])} (seed {run["seed"]})</h2>',
              f'<p class="meta">{run.get("n_train_images", "?")} training images, {run.get("n_test_images", "?")} test '
              f'images; status {html.escape(str(run.get("status", "")))}; {as_float(run.get("wall_time_s")):.0f} s</p>',
-             '<div class="figures">',
-             html_image(os.path.join(results_dir, f'{stem}_roc.png'), f'{stem} ROC curve', 500),
-             html_image(os.path.join(results_dir, f'{stem}_scores.png'), f'{stem} score histogram', 700),
+             '<div class="pair">',
+             html_image(os.path.join(results_dir, f'{stem}_roc.png'), f'{stem} ROC curve', 2000),
+             html_image(os.path.join(results_dir, f'{stem}_scores.png'), f'{stem} score histogram', 2000),
              '</div>']
     defect_types = sorted(set(run.get('defect_type_auroc_last', {})) | set(run.get('defect_type_auroc_best', {})))
     if defect_types:
@@ -529,10 +540,6 @@ def report_html(results_dir, results, deviations):
              f'<p class="meta">Folder {html.escape(os.path.abspath(results_dir))}; written '
              f'{datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}; {len(runs)} run(s) finished'
              + (', one in progress' if results.get('in_progress') else '') + '.</p>']
-    parts += ['<h2>Settings that differ from the paper / official code</h2>',
-              '<ul>' + ''.join(f'<li><code>{html.escape(name)}</code> = {html.escape(repr(value))} (paper/official: '
-                               f'{html.escape(repr(reference))})</li>' for name, value, reference in deviations)
-              + '</ul>' if deviations else '<p>None: every setting that can change a number is the paper\'s.</p>']
     parts += ['<h2>Image-level AUROC</h2>', results_table_html(results) if runs else '<p>No class finished yet.</p>']
     if has_references(runs):
         parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(note)}</li>' for note in reference_notes())
@@ -546,8 +553,14 @@ def report_html(results_dir, results, deviations):
         aurocs = ', '.join('n/a' if a is None or math.isnan(a) else f'{a:.4f}' for a in entry['auroc'])
         parts.append(f'<p>In progress: {html.escape(entry["class_name"])} (seed {entry["seed"]}), '
                      f'{len(entry["auroc"])} meta epoch(s) finished, AUROC per meta epoch: {aurocs}</p>')
+    parts += ['<h2>Settings that differ from the paper / official code</h2>',
+              '<ul>' + ''.join(f'<li><code>{html.escape(name)}</code> = {html.escape(repr(value))} (paper/official: '
+                               f'{html.escape(repr(reference))})</li>' for name, value, reference in deviations)
+              + '</ul>' if deviations else '<p>None: every setting that can change a number is the paper\'s.</p>']
+    if runs:
+        parts.append('<h2>AUROC per meta epoch' + (' and against the paper</h2>' if has_references(runs) else '</h2>'))
     parts.append('<div class="figures">')
-    parts.append(html_image(os.path.join(results_dir, 'auroc.png'), 'AUROC per meta epoch'))
+    parts.append(html_image(os.path.join(results_dir, 'auroc.png'), 'AUROC per meta epoch', 2000))
     if has_references(runs):
         parts.append(html_image(os.path.join(results_dir, 'paper_comparison.png'), 'ours against the paper', 1000))
     parts.append('</div>')
