@@ -40,7 +40,10 @@ REFERENCE_SOURCES = {
                      'its BTAD classes were rearranged by hand and reported without a last AUROC'),
 }
 
-# class: (paper Table 1 in %, reproduction last AUROC, reproduction max AUROC); None where the source has none
+# class: (paper Table 1 in %, reproduction last AUROC, reproduction max AUROC); None where the source has none.
+# The reproduction's values are those its README reports. Of the paper's, the printed mean 94.9 is confirmed by
+# later papers' tables citing DifferNet (e.g. PatchCore's Table 1); the class values could not be re-read from
+# the paper's own text where this was written and are as transcribed from its Table 1 for issue 10.
 REFERENCE_AUROC = {
     'bottle': (99.0, 0.9881, 0.9921),
     'cable': (95.9, 0.9496, 0.9665),
@@ -282,7 +285,7 @@ def write_class_files(results_dir, run, stem):
     figure, axis = plt.subplots(figsize=(7, 4.5))
     log_scores = np.log10(np.maximum(scores, 1e-12))
     bins = np.linspace(log_scores.min(), log_scores.max() + 1e-9, 30)
-    for defect in sorted(set(defect_types), key=lambda d: (d in ('good', 'ok')) is False):
+    for defect in sorted(set(defect_types), key=lambda d: (d not in ('good', 'ok'), d)):  # same colours every run
         axis.hist(log_scores[defect_types == defect], bins=bins, alpha=0.55, label=defect)
     axis.set_xlabel('log10 anomaly score (mean z² over views), last meta epoch')
     axis.set_ylabel('test images')
@@ -329,6 +332,8 @@ def write_auroc_plot(results_dir, runs):
         axis.plot(range(length), mean_curve, marker='o', markersize=3, label=label)
     axis.set_xlabel('meta epoch')
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    longest = max(min(len(curve) for curve in curves) for curves in by_class.values())
+    axis.set_xlim(-0.5, max(longest - 1, 1) + 0.5)  # one meta epoch alone would get fractional ticks
     axis.set_ylabel('image-level AUROC')
     axis.set_title('AUROC after each meta epoch')
     axis.grid(alpha=0.3)
@@ -346,7 +351,7 @@ def write_paper_comparison_plot(results_dir, runs):
     import matplotlib.pyplot as plt
     by_class = runs_by_class(runs)
     positions = np.arange(len(by_class))
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.7 * len(by_class) + 3), 4.5))
+    figure, axis = plt.subplots(figsize=(max(6.5, 0.55 * len(by_class) + 4.5), 4.5), layout='constrained')
     for offset, key, label, marker in ((-0.12, 'max_auroc', 'ours, max', 'o'), (0.12, 'last_auroc', 'ours, last', 's')):
         values = [[as_float(r[key]) for r in class_runs] for class_runs in by_class.values()]
         means = [mean_or_nan(v) for v in values]
@@ -359,12 +364,17 @@ def write_paper_comparison_plot(results_dir, runs):
     axis.scatter(positions, [r['reproduction_max'] for r in references], marker='x', s=40, color='tab:red',
                  label='published reproduction, max', zorder=3)
     axis.set_xticks(positions)
-    axis.set_xticklabels(list(by_class), rotation=45 if len(by_class) > 6 else 0, ha='right' if len(by_class) > 6 else 'center')
+    if len(by_class) > 6:
+        axis.set_xticklabels(list(by_class), rotation=45, ha='right', rotation_mode='anchor')
+    else:
+        axis.set_xticklabels(list(by_class))
+    axis.set_xlim(-0.6, len(by_class) - 0.4)
+    shown = [value for value in axis.get_ylim()]
+    axis.set_ylim(max(0.0, shown[0] - 0.01), min(1.005, max(shown[1], 1.0) + 0.005))  # room up to a perfect 1.0
     axis.set_ylabel('image-level AUROC')
     axis.set_title('Ours against the paper and a published reproduction')
     axis.grid(alpha=0.3, axis='y')
-    axis.legend(fontsize='small', loc='best')
-    figure.tight_layout()
+    axis.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.01, 1.0))  # outside: never over a marker
     save_figure(figure, os.path.join(results_dir, 'paper_comparison.png'))
     plt.close(figure)
 
@@ -384,12 +394,12 @@ td.better { color: #0a7a2f; } td.worse { color: #b3261e; }
 .meta, .note { color: #555; font-size: 0.9em; } .warn { color: #b3261e; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figures img { max-width: 100%; border: 1px solid #eee; }
-.pair { display: grid; grid-template-columns: 5fr 7fr; gap: 1em; align-items: start; }
+.pair { display: grid; gap: 1em; align-items: start; }
 .pair img { width: 100%; border: 1px solid #eee; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 0.6em; }
 .gallery figure { margin: 0; } .gallery img { width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.8em; color: #555; }
-table.settings td { text-align: left; font-family: ui-monospace, monospace; font-size: 0.9em; }
+table.settings td, table.settings th { text-align: left; font-family: ui-monospace, monospace; font-size: 0.9em; }
 tr.deviation td { background: #fff4e5; }
 """
 
@@ -434,6 +444,25 @@ def html_image(path, alt, max_width=800, image_format='PNG'):
     except (OSError, ValueError):  # a damaged PNG leaves a gap in the page, not a failed run
         return ''
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def side_by_side(images, max_total_width=1600):
+    """[(path, alt)] in one row, each as wide as its share of their pixel widths (files that do not exist
+    are left out); a row wider than `max_total_width` pixels stacks instead, so a wide plot keeps its size."""
+    from PIL import Image
+    present, widths = [], []
+    for path, alt in images:
+        try:
+            with Image.open(path) as image:
+                widths.append(image.width)
+            present.append((path, alt))
+        except (OSError, ValueError):  # not written yet, or damaged: html_image leaves it out as well
+            continue
+    tags = [html_image(path, alt, 2000) for path, alt in present]
+    if len(present) < 2 or sum(widths) > max_total_width:
+        return '<div class="figures">' + ''.join(tags) + '</div>'
+    columns = ' '.join(f'{width}fr' for width in widths)
+    return f'<div class="pair" style="grid-template-columns: {columns}">' + ''.join(tags) + '</div>'
 
 
 def html_table(header, rows, row_classes=None, cell_classes=None):
@@ -502,10 +531,8 @@ def class_section_html(results_dir, run, stem):
     parts = [f'<h2 id="{html.escape(stem)}">{html.escape(run["class_name"])} (seed {run["seed"]})</h2>',
              f'<p class="meta">{run.get("n_train_images", "?")} training images, {run.get("n_test_images", "?")} test '
              f'images; status {html.escape(str(run.get("status", "")))}; {as_float(run.get("wall_time_s")):.0f} s</p>',
-             '<div class="pair">',
-             html_image(os.path.join(results_dir, f'{stem}_roc.png'), f'{stem} ROC curve', 2000),
-             html_image(os.path.join(results_dir, f'{stem}_scores.png'), f'{stem} score histogram', 2000),
-             '</div>']
+             side_by_side([(os.path.join(results_dir, f'{stem}_roc.png'), f'{stem} ROC curve'),
+                           (os.path.join(results_dir, f'{stem}_scores.png'), f'{stem} score histogram')])]
     defect_types = sorted(set(run.get('defect_type_auroc_last', {})) | set(run.get('defect_type_auroc_best', {})))
     if defect_types:
         pixel = run.get('pixel_auroc_per_defect_type') or {}
@@ -559,11 +586,10 @@ def report_html(results_dir, results, deviations):
               + '</ul>' if deviations else '<p>None: every setting that can change a number is the paper\'s.</p>']
     if runs:
         parts.append('<h2>AUROC per meta epoch' + (' and against the paper</h2>' if has_references(runs) else '</h2>'))
-    parts.append('<div class="figures">')
-    parts.append(html_image(os.path.join(results_dir, 'auroc.png'), 'AUROC per meta epoch', 2000))
+    plots = [(os.path.join(results_dir, 'auroc.png'), 'AUROC per meta epoch')]
     if has_references(runs):
-        parts.append(html_image(os.path.join(results_dir, 'paper_comparison.png'), 'ours against the paper', 1000))
-    parts.append('</div>')
+        plots.append((os.path.join(results_dir, 'paper_comparison.png'), 'ours against the paper'))
+    parts.append(side_by_side(plots))
     for run in runs:
         if run.get('test_scores'):
             parts.append(class_section_html(results_dir, run, run_file_stem(run, results['seeds'])))
