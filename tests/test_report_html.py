@@ -133,7 +133,8 @@ def test_reference_cells_of_a_known_and_an_unknown_class(bottle_and_widget_run):
     assert mean['Paper (Table 1)'] == '0.9900 (n=1)' and mean['Max − paper'] == bottle['Max − paper'] + ' (n=1)'
     markdown = (out / 'results.md').read_text()
     assert '## Against the paper and a published reproduction' in markdown
-    assert '| widget | ' in markdown.split('## Against the paper')[1] and 'prints the mean of Table 1 as 94.9' in markdown
+    assert '| widget | ' in markdown.split('## Against the paper')[1]
+    assert 'prints the mean of Table 1 as 94.9' in markdown
     with open(out / 'results.csv', newline='') as handle:
         table = list(csv.reader(handle))
     assert table[0][-5:] == ['paper_auroc', 'max_minus_paper', 'reproduction_last_auroc', 'reproduction_max_auroc',
@@ -171,6 +172,29 @@ def test_no_reference_table_for_unknown_classes_only_but_csv_columns_stay(tmp_pa
     write_results_files(str(tmp_path), results, [])  # no scores yet: tables and the page, no plots
     header, rows = results_table(parse_report(tmp_path / 'report.html'))
     assert 'Paper (Table 1)' not in header and [row[0] for _, row in rows] == ['widget']
+
+
+def test_page_of_a_run_in_progress_with_a_failure_and_a_damaged_plot(tmp_path):
+    run = synthetic_run('bottle', 0, 0.95, 0.9)
+    run.update(test_scores=[0.1, 0.9], best_test_scores=[0.1, 0.9], test_labels=[0, 1],
+               test_defect_types=['good', 'crack'], test_files=['a.png', 'b.png'],
+               defect_type_auroc_last={'crack': 1.0}, defect_type_auroc_best={'crack': 1.0})
+    results = {'classes': [run], 'seeds': [0], 'config': {'img_size': 64},
+               'failed': [{'class_name': 'cable', 'seed': None, 'error': 'missing folder x/train/good'}],
+               'in_progress': dict(synthetic_run('screw', 0, 0.7, 0.7), auroc=[0.6, None])}
+    write_results_files(str(tmp_path), results, [('img_size', 64, 448)])
+    (tmp_path / 'bottle_roc.png').write_bytes(b'not a png')  # a plot damaged on disk leaves a gap, not an error
+    from report import report_html
+    page = report_html(str(tmp_path), results, [('img_size', 64, 448)])
+    (tmp_path / 'report.html').write_text(page)
+    parser = parse_report(tmp_path / 'report.html')
+    text = ''.join(parser.text)
+    assert 'Failed: cable: missing folder x/train/good' in text
+    assert 'In progress: screw (seed 0), 2 meta epoch(s) finished, AUROC per meta epoch: 0.6000, n/a' in text
+    assert 'img_size = 64 (paper/official: 448)' in text
+    assert len(parser.images) == 3  # auroc, comparison, histogram; not the damaged ROC
+    for src in parser.images:
+        decode_data_uri(src)
 
 
 def chromium():
