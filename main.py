@@ -480,7 +480,7 @@ def run(config, resume=None):
     """
     from sweep import disk_text, finished_job_entries
     from utils import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset, resolve_device
-    from utils import results_markdown, write_results_files
+    from report import results_markdown, write_results_files
 
     validate_config(config)
     device = resolve_device(config.device)
@@ -540,6 +540,7 @@ def run(config, resume=None):
         os.rmdir(state_dir)
     print('\n' + results_markdown(results, deviations))
     print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and plots)')
+    print(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it in a browser)")
     return results_dir, len(results['failed']), len(results['classes'])
 
 

@@ -20,7 +20,7 @@ import time
 from typing import NamedTuple
 
 from utils import UserError, read_json, write_json_atomic
-from utils import results_markdown, write_results_files  # tables and plots of a run, as a one-process run writes them
+from report import results_markdown, write_results_files  # tables and plots of a run, as a one-process run writes them
 
 JOBS_DIR = 'jobs'
 JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
@@ -365,4 +365,6 @@ def run_sweep(config, launch, resume=None):
     print('\n' + results_markdown(results, deviations))
     print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and '
           f'plots; one file per job in {JOBS_DIR}/)', flush=True)
+    print(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it in a "
+          f'browser)', flush=True)
     return results_dir, len(results['failed']), len(results['classes'])

@@ -1,5 +1,6 @@
 """Data for DifferNet: finding the images of a class, turning each into n augmented views, the demo set,
-the disk cache of features, and the results files (tables, plots, score lists).
+the disk cache of features, atomic files and AUROC, and scoring new images (report.py writes the results
+tables, plots and report.html).
 
 Three layouts are read where they lie, detected per class (`detect_layout`):
 
@@ -38,7 +39,6 @@ import os
 import random
 import shutil
 import tempfile
-import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -474,7 +474,7 @@ def draw_washer(rng, defect='good'):
     return image.filter(ImageFilter.SMOOTH)
 
 
-# --- results files: tables, score lists and plots -------------------------------------------------------
+# --- atomic files, and the AUROC of a set of scores (train.py, main.py; report.py writes the tables) ---
 
 def json_safe(value):
     """Replaces NaN and infinities (an undefined AUROC) by None, which JSON can hold."""
@@ -540,10 +540,6 @@ def read_json(path):
         return json.load(handle)
 
 
-def as_float(value):
-    return float('nan') if value is None else float(value)
-
-
 def write_text_atomic(path, text):
     def write(part):
         with open(part, 'w', newline='', encoding='utf-8') as handle:
@@ -566,191 +562,6 @@ def defect_type_aurocs(defect_types, labels, scores):
     normal = labels == 0
     return {defect: auroc_or_nan(labels[normal | (defect_types == defect)], scores[normal | (defect_types == defect)])
             for defect in sorted(set(defect_types[labels == 1]))}
-
-
-def mean_std_text(values, digits=4):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return 'n/a'
-    if len(values) == 1:
-        return f'{values[0]:.{digits}f}'
-    return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
-
-
-def summary_rows(runs):
-    """One row per class (in first-seen order) with Last AUROC, Max AUROC, Max AUROC Epoch, each as
-    mean ± std over the class's seeds, then a mean row over the classes."""
-    by_class = {}
-    for run in runs:
-        by_class.setdefault(run['class_name'], []).append(run)
-    with_pixels = any(r.get('pixel_auroc') is not None for r in runs)
-    rows = []
-    for class_name, class_runs in by_class.items():
-        rows.append([class_name, mean_std_text([r['last_auroc'] for r in class_runs]),
-                     mean_std_text([r['max_auroc'] for r in class_runs]),
-                     mean_std_text([r['max_auroc_epoch'] for r in class_runs], digits=1 if len(class_runs) > 1 else 0),
-                     len(class_runs)] + ([mean_std_text([r.get('pixel_auroc') for r in class_runs])] if with_pixels else []))
-    if len(by_class) > 1:
-        class_means = {key: [mean_or_nan([as_float(r[key]) for r in class_runs]) for class_runs in by_class.values()]
-                       for key in ('last_auroc', 'max_auroc')}
-        rows.append(['mean', f"{mean_or_nan(class_means['last_auroc']):.4f}",
-                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())]
-                    + ([''] if with_pixels else []))
-    return rows
-
-
-def mean_or_nan(values):
-    finite = [value for value in values if not math.isnan(value)]
-    return float(np.mean(finite)) if finite else float('nan')
-
-
-def markdown_table(header, rows):
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
-    return '\n'.join(lines)
-
-
-def defect_type_rows(runs):
-    """Rows (class, defect type, AUROC at the last meta epoch, at the max epoch), mean ± std over seeds."""
-    collected = {}
-    for run in runs:
-        for when in ('last', 'best'):
-            for defect, value in run.get(f'defect_type_auroc_{when}', {}).items():
-                collected.setdefault((run['class_name'], defect), {'last': [], 'best': []})[when].append(value)
-    return [[class_name, defect, mean_std_text(values['last']), mean_std_text(values['best'])]
-            for (class_name, defect), values in collected.items()]
-
-
-def results_markdown(results, deviations):
-    """The text of results.md, also printed at the end of a run."""
-    header = ['Class', 'Last AUROC', 'Max AUROC', 'Max AUROC Epoch', 'Runs']
-    if any(r.get('pixel_auroc') is not None for r in results['classes']):
-        header.append('Pixel AUROC, last epoch (ours: not reported by the paper)')
-    parts = ['## Image-level AUROC', '', markdown_table(header, summary_rows(results['classes']))]
-    if results.get('failed'):
-        parts += ['', 'Failed:'] + [f"- {f['class_name']}" + (f" (seed {f['seed']})" if f['seed'] is not None else '')
-                                    + f": {f['error']}" for f in results['failed']]
-    if results.get('in_progress'):
-        entry = results['in_progress']
-        parts += ['', f"In progress: {entry['class_name']} (seed {entry['seed']}), {len(entry['auroc'])} meta "
-                      f"epoch(s) finished, AUROC per meta epoch: "
-                      + ', '.join('n/a' if a is None or math.isnan(a) else f'{a:.4f}' for a in entry['auroc'])]
-    defect_rows = defect_type_rows(results['classes'])
-    if defect_rows:
-        parts += ['', '## AUROC per defect type (each type against the good test images)', '',
-                  markdown_table(['Class', 'Defect type', 'AUROC (last epoch)', 'AUROC (max epoch)'], defect_rows)]
-    parts += ['', '## Settings that differ from the paper / official code', '']
-    parts += [f'- `{name}` = {value!r} (paper/official: {reference!r})' for name, value, reference in deviations] \
-        or ['- none']
-    return '\n'.join(parts) + '\n'
-
-
-def results_csv(results):
-    import io
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(['class', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'runs']
-                    + (['pixel_auroc'] if any(r.get('pixel_auroc') is not None for r in results['classes']) else []))
-    writer.writerows(summary_rows(results['classes']))
-    writer.writerow([])
-    writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s'])
-    for run in results['classes']:
-        writer.writerow([run['class_name'], run['seed'], run['last_auroc'], run['max_auroc'],
-                         run['max_auroc_epoch'], run['wall_time_s']])
-    return buffer.getvalue()
-
-
-def run_file_stem(run, seeds):
-    """'<class>', or '<class>_seed<seed>' in a run of several seeds."""
-    return f"{run['class_name']}_seed{run['seed']}" if len(seeds) > 1 else run['class_name']
-
-
-def write_class_files(results_dir, run, stem):
-    """<stem>_scores.csv (last and best epoch), <stem>_scores.png (histograms), <stem>_roc.png."""
-    import io
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(['file', 'label', 'defect_type', 'score_last_epoch', 'score_max_epoch'])
-    for row in zip(run['test_files'], run['test_labels'], run['test_defect_types'], run['test_scores'],
-                   run['best_test_scores']):
-        writer.writerow(row)
-    write_text_atomic(os.path.join(results_dir, f'{stem}_scores.csv'), buffer.getvalue())
-
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-    scores, labels = np.asarray(run['test_scores']), np.asarray(run['test_labels'])
-    defect_types = np.asarray(run['test_defect_types'])
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    log_scores = np.log10(np.maximum(scores, 1e-12))
-    bins = np.linspace(log_scores.min(), log_scores.max() + 1e-9, 30)
-    for defect in sorted(set(defect_types), key=lambda d: (d in ('good', 'ok')) is False):
-        axis.hist(log_scores[defect_types == defect], bins=bins, alpha=0.55, label=defect)
-    axis.set_xlabel('log10 anomaly score (mean z² over views), last meta epoch')
-    axis.set_ylabel('test images')
-    axis.set_title(f"{run['class_name']} (seed {run['seed']}): test scores")
-    axis.legend()
-    figure.tight_layout()
-    save_figure(figure, os.path.join(results_dir, f'{stem}_scores.png'))
-    plt.close(figure)
-    if len(np.unique(labels)) == 2:
-        figure, axis = plt.subplots(figsize=(5, 5))
-        for key, name in (('test_scores', 'last epoch'), ('best_test_scores', 'max epoch')):
-            fpr, tpr, _ = roc_curve(labels, run[key])
-            axis.plot(fpr, tpr, label=f'{name}: AUROC {auroc_or_nan(labels, run[key]):.4f}')
-        axis.plot([0, 1], [0, 1], color='gray', linestyle=':')
-        axis.set_xlabel('false positive rate')
-        axis.set_ylabel('true positive rate')
-        axis.set_title(f"{run['class_name']} (seed {run['seed']}): image-level ROC")
-        axis.legend(loc='lower right')
-        figure.tight_layout()
-        save_figure(figure, os.path.join(results_dir, f'{stem}_roc.png'))
-        plt.close(figure)
-
-
-def save_figure(figure, path):
-    replace_atomically(path, lambda part: figure.savefig(part, dpi=100, format='png'))
-
-
-def write_auroc_plot(results_dir, runs):
-    """auroc.png: AUROC per meta epoch, one line per class (mean over its seeds)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    by_class = {}
-    for run in runs:
-        by_class.setdefault(run['class_name'], []).append(run['auroc'])
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for class_name, curves in by_class.items():
-        length = min(len(curve) for curve in curves)
-        with warnings.catch_warnings():  # an undefined AUROC (no anomalies) leaves a gap in the line
-            warnings.simplefilter('ignore', RuntimeWarning)
-            mean_curve = np.nanmean(np.array([curve[:length] for curve in curves], dtype=float), axis=0)
-        label = class_name if len(curves) == 1 else f'{class_name} (mean of {len(curves)} seeds)'
-        axis.plot(range(length), mean_curve, marker='o', markersize=3, label=label)
-    axis.set_xlabel('meta epoch')
-    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axis.set_ylabel('image-level AUROC')
-    axis.set_title('AUROC after each meta epoch')
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize='small', ncol=2 if len(by_class) > 8 else 1)
-    figure.tight_layout()
-    save_figure(figure, os.path.join(results_dir, 'auroc.png'))
-    plt.close(figure)
-
-
-def write_results_files(results_dir, results, deviations):
-    """results.json, results.md, results.csv, auroc.png and the per-class files, each written whole."""
-    write_json_atomic(os.path.join(results_dir, 'results.json'), results)
-    write_text_atomic(os.path.join(results_dir, 'results.md'), results_markdown(results, deviations))
-    write_text_atomic(os.path.join(results_dir, 'results.csv'), results_csv(results))
-    finished = [run for run in results['classes'] if run.get('test_scores')]
-    if finished:
-        write_auroc_plot(results_dir, finished)
-        for run in finished:
-            write_class_files(results_dir, run, run_file_stem(run, results['seeds']))
 
 
 # --- scoring new images: statistics of defect-free scores, the threshold, the CSV ---------------------

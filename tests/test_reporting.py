@@ -7,7 +7,8 @@ import pytest
 
 from conftest import write_image
 from main import main
-from utils import defect_type_aurocs, detect_layout, find_class_samples, summary_rows
+from report import summary_rows
+from utils import defect_type_aurocs, detect_layout, find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
