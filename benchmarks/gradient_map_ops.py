@@ -50,14 +50,19 @@ def main():
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--dataset_path', default=os.path.join(REPO_ROOT, '..', 'shared', 'data', 'mvtec'))
     parser.add_argument('--class_name', default='bottle')
+    parser.add_argument('--n_transforms_test', type=int, default=0, help="views per map (0: the checkpoint's)")
+    parser.add_argument('--stride', type=int, default=1, help='every k-th test image only (CPU time)')
     parser.add_argument('--save_maps', default='', help='npz file to keep both sets of maps in')
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     model, checkpoint = load_checkpoint(args.checkpoint, build_config(device='cpu'))
     settings = scoring_settings(checkpoint['settings'], build_config(device='cpu'))
+    if args.n_transforms_test:
+        settings.n_transforms_test = args.n_transforms_test
     device = torch.device('cpu')
     prepare_model(model, settings, device)
     _, test_samples = find_class_samples(args.dataset_path, args.class_name)
+    test_samples = test_samples[::args.stride]
     angles = fixed_angles(settings.n_transforms_test)
     old_maps, new_maps, masks = [], [], []
     gradient_seconds = old_seconds = new_seconds = 0.0

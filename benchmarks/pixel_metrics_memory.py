@@ -20,6 +20,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -51,10 +52,9 @@ def synthetic_maps(n_images, map_size, mask_size, seed=0):
     maps = []
     for index in range(n_images):
         mask = synthetic_mask(index, mask_size)
-        step = mask_size // map_size
-        small = mask[:step * map_size, :step * map_size].reshape(map_size, step, map_size, step).mean(axis=(1, 3))
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((map_size, map_size), Image.BILINEAR)) / 255
         noise = rng.lognormal(0.0, 1.0, (map_size, map_size))
-        maps.append(((noise + 4.0 * small) * 10.0 ** rng.uniform(-1, 1)).astype(np.float32))
+        maps.append(((noise + 8.0 * small) * 10.0 ** rng.uniform(-0.5, 0.5)).astype(np.float32))
     return maps
 
 
