@@ -233,8 +233,9 @@ def pixel_metrics(maps, masks, max_fpr=AUPRO_MAX_FPR, n_bins=PIXEL_METRIC_BINS):
     within a bin, so the exact values (pixel_auroc_exact, aupro_exact) are within the max errors:
       AUROC: pairs (defect, defect-free) in one bin count 1/2, so |error| <= 1/2 sum_k P_k N_k / (P N);
       AUPRO: the curve between two bin edges is monotone, so its area differs from the chord's by at
-      most half the box: |error| <= 1/2 sum_k dFPR_k dPRO_k / max_fpr over the bins below max_fpr.
-    With equal-count bins both are about 1 / (2 n_bins) or less (on bottle: see docs/faithfulness.md).
+      most half the box: |error| <= 1/2 sum_k dFPR_k dPRO_k / max_fpr over the bins below max_fpr
+      (the whole box for the bin that max_fpr cuts).
+    With equal-count bins both are of the order of 1 / n_bins (on bottle: see docs/faithfulness.md).
     """
     edges = score_bin_edges(maps, n_bins)
     negatives, positives, region_mass, n_regions = pixel_histograms(maps, masks, edges)
@@ -252,9 +253,10 @@ def pixel_metrics(maps, masks, max_fpr=AUPRO_MAX_FPR, n_bins=PIXEL_METRIC_BINS):
         fpr = np.r_[0.0, np.cumsum(negatives[::-1]) / n_negative]
         pro = np.r_[0.0, np.cumsum(region_mass[::-1]) / n_regions]
         result['aupro'] = area_under_pro(fpr, pro, max_fpr)
-        below_limit = fpr[:-1] < max_fpr
         boxes = (np.minimum(fpr[1:], max_fpr) - fpr[:-1]) * np.diff(pro)
-        result['aupro_max_error'] = float(0.5 * np.sum(boxes[below_limit]) / max_fpr)
+        whole = fpr[1:] <= max_fpr
+        cut = (fpr[:-1] < max_fpr) & ~whole  # the bin max_fpr falls in: only part of its chord counts
+        result['aupro_max_error'] = float((0.5 * np.sum(boxes[whole]) + np.sum(boxes[cut])) / max_fpr)
     return result
 
 
