@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
-from localization import (aupro, gradient_map, localize_class, pixel_auroc, rotate_back,
+from conftest import DATA_DIR, tiny_config
+from localization import (BLUR_SIGMA, aupro, aupro_exact, combine_views, gaussian_blur, gradient_map,
+                          localize_class, load_mask, pixel_auroc, pixel_auroc_exact, pixel_metrics, rotate_back,
                           upsample_map)
 from main import main
 from model import DifferNet, load_checkpoint
@@ -79,10 +80,64 @@ def test_rotate_back_puts_a_spot_where_it_was(angle):
 
 @pytest.mark.parametrize('angle', [37.0, 200.0])
 def test_rotate_back_at_any_angle_lands_within_a_pixel(angle):
-    back = rotate_back(spot_view(angle)[None], [angle])[0, 0].numpy()
+    back = rotate_back(spot_view(angle)[None], [angle])[0, 0]
     rows, cols = np.mgrid[0:64, 0:64]
     centre = (float((back * rows).sum() / back.sum()), float((back * cols).sum() / back.sum()))
     assert abs(centre[0] - 10) < 1.0 and abs(centre[1] - 20) < 1.0
+
+
+def official_map(gradients, angles):
+    """The official export_gradient_maps steps for one image, written out as that code does them: each
+    view's (C, s, s) gradient moved to (s, s, C), scipy.ndimage.rotate by -angle with only
+    reshape=False given, back to (C, s, s), gaussian_filter with sigma (0, 3, 3) and nothing else; then
+    mean of |g| over views and channels, squared."""
+    from scipy.ndimage import gaussian_filter, rotate
+    blurred = []
+    for view_gradient, angle in zip(gradients, angles):
+        turned = np.transpose(rotate(np.transpose(view_gradient, [1, 2, 0]), -angle, reshape=False), [2, 0, 1])
+        blurred.append(gaussian_filter(turned, (0, 3, 3)))
+    return np.mean(np.abs(np.stack(blurred)), axis=(0, 1)) ** 2
+
+
+def test_map_operations_are_the_official_calls():
+    gradients = np.random.RandomState(0).standard_normal((5, 3, 40, 40)).astype(np.float32)
+    angles = [0.0, 72.0, 144.0, 216.0, 288.0]
+    ours = combine_views(gaussian_blur(rotate_back(torch.from_numpy(gradients), angles)))
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, official_map(gradients, angles), rtol=1e-5, atol=0)
+
+
+def test_blur_borders_repeat_the_edge_pixel():
+    """'reflect' (d c b a | a b c d): a bright first column meets its own copy across the border, so the
+    border pixel keeps the kernel's two central taps; 'mirror' (d c b | a b c d) would keep one."""
+    image = np.zeros((1, 1, 60, 60))
+    image[..., 0] = 1.0
+    offsets = np.arange(-12, 13)  # radius 4 sigma
+    taps = np.exp(-offsets ** 2 / (2 * BLUR_SIGMA ** 2))
+    taps /= taps.sum()
+    blurred = gaussian_blur(image)[0, 0]
+    np.testing.assert_allclose(blurred[:, 0], taps[12] + taps[13], rtol=1e-6)
+    np.testing.assert_allclose(blurred[:, 2], taps[10] + taps[15], rtol=1e-6)
+    np.testing.assert_allclose(blurred.sum(axis=1), 1.0, rtol=1e-6)  # nothing leaks out at the borders
+
+
+def test_rotate_back_is_a_cubic_spline():
+    """A smooth pattern turned by 45 degrees (5th-order spline, nearly exact) comes back within 1e-4 with
+    the official cubic spline, where bilinear interpolation is off by ~7e-3; a 90-degree turn moves
+    pixels exactly."""
+    from scipy.ndimage import rotate
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    rows, cols = np.mgrid[0:64, 0:64] - 31.5
+    smooth = (np.cos(rows / 5.0) * np.sin(cols / 7.0) * np.exp(-(rows ** 2 + cols ** 2) / 600)).astype(np.float32)
+    turned = rotate(smooth, 45.0, reshape=False, order=5)[None]  # as the view rotation turns it
+    centre = (slice(16, 48), slice(16, 48))  # away from the corners that leave the frame
+    cubic_error = np.abs(rotate_back(turned[None], [45.0])[0, 0] - smooth)[centre].max()
+    bilinear_error = np.abs(TF.rotate(torch.from_numpy(turned), -45.0, interpolation=InterpolationMode.BILINEAR)[0]
+                            .numpy() - smooth)[centre].max()
+    assert cubic_error < 1e-4 and bilinear_error > 1e-3
+    noise = np.random.RandomState(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(rotate_back(noise, [90.0])[0, 0], np.rot90(noise[0, 0], k=-1), atol=1e-5)
 
 
 def test_map_of_rotated_image_is_rotated_map(tmp_path):
@@ -103,7 +158,8 @@ def test_map_of_rotated_image_is_rotated_map(tmp_path):
 
 # --- pixel metrics ---------------------------------------------------------------------------------
 
-def test_pixel_auroc_known_cases():
+@pytest.mark.parametrize('pixel_auroc', [pixel_auroc, pixel_auroc_exact], ids=['binned', 'exact'])
+def test_pixel_auroc_known_cases(pixel_auroc):
     mask = np.zeros((4, 4), dtype=bool)
     mask[:, 2:] = True
     columns = np.tile(np.arange(4.0), (4, 1))
@@ -122,7 +178,8 @@ def test_pixel_auroc_known_cases():
     assert np.isnan(pixel_auroc([small], [np.zeros((4, 4), dtype=bool)]))
 
 
-def test_aupro_known_cases():
+@pytest.mark.parametrize('aupro', [aupro, aupro_exact], ids=['binned', 'exact'])
+def test_aupro_known_cases(aupro):
     mask = np.zeros((6, 6), dtype=bool)
     mask[0, 0] = True          # region A: 1 pixel
     mask[4:6, 4] = True        # region B: 2 pixels
@@ -140,6 +197,60 @@ def test_aupro_known_cases():
     found_one = np.where(diagonal, -1.0, 0.0)
     found_one[2, 2] = 1.0
     assert aupro([found_one], [diagonal]) == pytest.approx(1 / 3)
+
+
+def random_maps_and_masks(seed, n_images=12):
+    """Maps of 24 x 24 whose values span orders of magnitude from image to image (as real gradient maps
+    do), brighter where their 48 x 48 mask has blobs; a third of the masks empty."""
+    rng = np.random.RandomState(seed)
+    maps, masks = [], []
+    for i in range(n_images):
+        mask = np.zeros((48, 48), dtype=bool)
+        if i % 3:
+            for _ in range(rng.randint(1, 4)):
+                row, col, radius = rng.randint(4, 44), rng.randint(4, 44), rng.randint(1, 6)
+                rows, cols = np.ogrid[:48, :48]
+                mask |= (rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2
+        small = mask.reshape(24, 2, 24, 2).mean(axis=(1, 3))
+        maps.append((rng.lognormal(0, 1, (24, 24)) + 3 * small) * 10.0 ** rng.uniform(-3, 6))
+        masks.append(mask)
+    return maps, masks
+
+
+@pytest.mark.parametrize('n_bins', [16384, 64])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_binned_metrics_are_within_their_bounds_of_the_exact_ones(seed, n_bins):
+    maps, masks = random_maps_and_masks(seed)
+    metrics = pixel_metrics(maps, iter(masks), n_bins=n_bins)  # masks read once, as from a generator
+    exact_auroc, exact_aupro = pixel_auroc_exact(maps, masks), aupro_exact(maps, masks)
+    assert 0.5 < exact_auroc < 1 and 0 < exact_aupro < 1
+    assert abs(metrics['pixel_auroc'] - exact_auroc) <= metrics['pixel_auroc_max_error'] + 1e-12
+    assert abs(metrics['aupro'] - exact_aupro) <= metrics['aupro_max_error'] + 1e-12
+    if n_bins == 16384:  # equal-count bins: ~1 / (2 n_bins) despite the spread of scales
+        assert metrics['pixel_auroc_max_error'] < 1e-3 and metrics['aupro_max_error'] < 1e-3
+    else:  # the bound is not vacuous: coarse bins do move the result
+        assert metrics['pixel_auroc'] != exact_auroc and metrics['pixel_auroc_max_error'] > 1e-3
+
+
+def test_binned_metrics_on_bottle_masks():
+    """Real bottle masks (900 x 900) with maps at 448 x 448 that follow the defects loosely."""
+    bottle = os.path.join(DATA_DIR, 'mvtec', 'bottle')
+    if not os.path.isdir(os.path.join(bottle, 'ground_truth')):
+        pytest.skip(f'no MVTec AD bottle under {DATA_DIR} (set DIFFERNET_DATA)')
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.RandomState(0)
+    maps, masks = [], []
+    for defect_type in ['broken_large', 'contamination']:
+        for name in sorted(os.listdir(os.path.join(bottle, 'ground_truth', defect_type)))[:3]:
+            mask = load_mask(os.path.join(bottle, 'ground_truth', defect_type, name))
+            small = np.asarray(Image.fromarray(mask).resize((448, 448), Image.BILINEAR), dtype=np.float64)
+            maps.append(gaussian_filter(small + rng.standard_normal((448, 448)) * 2.0, 6) ** 2)
+            masks.append(mask)
+    maps.append(gaussian_filter(rng.standard_normal((448, 448)) * 2.0, 6) ** 2)
+    masks.append(np.zeros((900, 900), dtype=bool))
+    metrics = pixel_metrics(maps, iter(masks))
+    assert abs(metrics['pixel_auroc'] - pixel_auroc_exact(maps, masks)) <= metrics['pixel_auroc_max_error'] < 1e-4
+    assert abs(metrics['aupro'] - aupro_exact(maps, masks)) <= metrics['aupro_max_error'] < 1e-3
 
 
 def test_masks_come_with_the_samples(masked_tree):
