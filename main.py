@@ -118,7 +118,8 @@ def parse_command_line(argv):
 
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
 POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
-                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size')
+                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size',
+                     'extract_batch_size_cuda')
 
 
 def validate_config(config):
@@ -138,6 +139,8 @@ def validate_config(config):
     if not 0 <= config.val_fraction < 1:
         raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
     validate_threshold_fpr(config)
+    if config.view_backend not in ('auto', 'pil', 'tensor'):
+        raise UserError(f"view_backend = '{config.view_backend}' must be auto, pil or tensor")
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
     if not class_names(config):

@@ -40,3 +40,8 @@ def official_tree(tmp_path):
             color = tuple(int(v) for v in rng.randint(0, 255, size=3))
             write_image(str(root / 'widget' / folder / f'{i:03d}.png'), color)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device; skipped with the reason without one '
+                                       '(benchmarks/gpu_check.py runs `pytest -m cuda`)')
