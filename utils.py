@@ -307,6 +307,7 @@ def fixed_angles(n_views):
 
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
 CPU_VIEW_BACKEND = 'tensor'  # what 'auto' means on a CPU: the faster one in benchmarks/views.py (README)
+ROTATION_CHUNK = 32  # views rotated at a time: their coordinates take ~40 MB at 448 px
 DEVICE_IMAGE_SHARE = 0.25  # kept images go onto the GPU when they take less than this share of its free memory
 
 
@@ -351,6 +352,9 @@ def rotate_nearest(images, angles):
     count, channels, height, width = images.shape
     if height != width:
         raise ValueError(f'rotate_nearest needs square images, got {height} x {width}')
+    if count > ROTATION_CHUNK:  # the integer coordinates take 4-8 bytes per pixel and view: bounded
+        return torch.cat([rotate_nearest(images[start:start + ROTATION_CHUNK], angles[start:start + ROTATION_CHUNK])
+                          for start in range(0, count, ROTATION_CHUNK)])
     a, b, c, d, e, f = pil_rotation_matrices(angles, width).unbind(dim=1)
     # 16.16 values stay below 2^31 up to sides of several thousand pixels: int32 halves the traffic
     integer = torch.int32 if width <= 4096 else torch.int64

@@ -164,14 +164,14 @@ def main():
     if args.meta_epochs:
         overrides['meta_epochs'] = args.meta_epochs
     config = build_config(**overrides)
-    repeats = 2 if args.quick else 5
+    repeats = 1 if args.quick else 5
     report = {'device': device.type, 'quick': args.quick,
               'gpu_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
               'cpu': platform.processor() or platform.machine(), 'torch': torch.__version__,
               'img_size': config.img_size, 'n_scales': config.n_scales}
     started = time.time()
     report['cuda_tests'] = {'skipped': '--skip_tests'} if args.skip_tests else cuda_tests(device)
-    n_views = 64 if args.quick else 512
+    n_views = 32 if args.quick else 512
     report['views_per_s'] = extractor_rates(config, device, n_views, repeats)
     train_samples, _ = find_class_samples(config.dataset_path, config.class_name)
     report['view_making_per_s'] = view_making_rates(config, train_samples[:48], device, repeats)
