@@ -518,10 +518,9 @@ class MultiViewDataset(Dataset):
     def image_tensor(self, device):
         """uint8 (N, 3, s, s) of every image, decoded and resized once (PIL Resize, as the PIL path),
         placed by `place_images`."""
-        if self.images is None or (self.images.device != device and not self.images.is_pinned()):
-            images = self.images if self.images is not None else \
-                torch.stack([pil_to_uint8(self.resized_image(i)) for i in range(len(self))])
-            self.images = place_images(images.cpu(), device)
+        if self.images is None:
+            self.images = place_images(torch.stack([pil_to_uint8(self.resized_image(i)) for i in range(len(self))]),
+                                       device)
         return self.images
 
     def make_views(self, recipe, device):
@@ -529,10 +528,11 @@ class MultiViewDataset(Dataset):
         ColorJitter, /255 and normalization, as the PIL path, batched."""
         images = self.image_tensor(device)
         index = recipe['index']
-        if images.device == device:
-            batch = images[index.to(device)]
-        else:  # pinned host memory: the gathered rows are pinned again so the copy does not block
+        # (devices are not compared: torch.device('cuda') differs from the 'cuda:0' a tensor reports)
+        if images.is_pinned():  # the gathered rows are pinned again so that the copy does not block
             batch = images[index].pin_memory().to(device, non_blocking=True)
+        else:
+            batch = images[index.to(images.device)].to(device)
         count, n_views = recipe['angles'].shape
         size = batch.shape[-1]
         views = batch.unsqueeze(1).expand(count, n_views, *batch.shape[1:]).reshape(-1, *batch.shape[1:])
