@@ -124,7 +124,8 @@ def parse_command_line(argv):
 
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
 POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
-                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size')
+                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size',
+                     'extract_batch_size_cuda')
 
 
 def validate_config(config):
@@ -145,6 +146,8 @@ def validate_config(config):
     if not 0 <= config.val_fraction < 1:
         raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
     validate_threshold_fpr(config)
+    if config.view_backend not in ('auto', 'pil', 'tensor'):
+        raise UserError(f"view_backend = '{config.view_backend}' must be auto, pil or tensor")
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
     if config.bf16_autocast not in (True, False, 'auto'):
@@ -203,6 +206,7 @@ NUMBER_NEUTRAL_SETTINGS = {
     'feature_cache_dir': 'where that cache lives',
     'save_best': 'one more checkpoint file; its reference views fork the random stream',
     'save_checkpoint': 'writes the checkpoint at the end of a job; its reference views fork the random stream',
+    'view_backend': 'PIL or tensor views are the same pixels from the same random numbers (tests/test_device_views.py)',
     'resume_state': 'writes the --resume state; draws no random numbers',
     'resume_interval_s': 'how often that state is written',
     'grad_map_viz': 'runs after training and adds maps and a pixel AUROC; changes none of the image-level numbers',
@@ -218,6 +222,7 @@ SETTINGS_WITHOUT_PAPER_VALUE = {
     'device': 'float rounding differs between CPU and GPU (official: a CUDA GPU)',
     'extract_batch_size': 'views per AlexNet pass: float rounding only (batch 1 vs 16 differ by up to 2e-7); '
                           'the official code passes a batch\'s 96 training views or an image\'s 64 test views at once',
+    'extract_batch_size_cuda': 'the same on a CUDA device',
     'max_reference_images': 'the checkpoint\'s score statistics and --score threshold (ours; not in the paper)',
     'threshold_fpr': 'the --score threshold (ours; not in the paper)',
 }

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from freia_funcs import nll_loss
 from utils import (MultiViewDataset, auroc_or_nan, feature_cache_key, load_cached_features,
-                   replace_atomically, save_cached_features)
+                   replace_atomically, resolve_view_backend, save_cached_features)
 
 
 class ScoreObserver:
@@ -46,10 +46,29 @@ def make_optimizer(flow, config):
     return torch.optim.Adam(flow.parameters(), **options)
 
 
-def make_loader(dataset, batch_size, shuffle, config, num_workers=None):
+def make_loader(dataset, batch_size, shuffle, config, num_workers=None, device=None):
+    """A DataLoader of `dataset`; batches of views are pinned when they go to a CUDA `device`. The
+    tensor backend loads in the main process: its items are a few random numbers, the views are made
+    on the device from the kept images."""
     num_workers = config.num_workers if num_workers is None else num_workers
+    if getattr(dataset, 'backend', 'pil') == 'tensor':
+        num_workers = 0
+    pin_memory = device is not None and device.type == 'cuda' and getattr(dataset, 'backend', 'pil') == 'pil'
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+def view_backend(config, device):
+    """'pil' or 'tensor': how the views are made (config.view_backend, 'auto' resolved for `device`)."""
+    return resolve_view_backend(getattr(config, 'view_backend', 'pil'), device)
+
+
+def extract_batch_size(config, device):
+    """Views per AlexNet pass: `extract_batch_size` on the CPU, `extract_batch_size_cuda` on a GPU,
+    where a pass of 16 views leaves most of it idle. Memory only: the features do not depend on it."""
+    if device.type == 'cuda':
+        return getattr(config, 'extract_batch_size_cuda', config.extract_batch_size)
+    return config.extract_batch_size
 
 
 def autocast(config, device):
@@ -67,18 +86,27 @@ def extract_view_features(model, views, config):
     per AlexNet pass."""
     features = []
     with torch.no_grad(), autocast(config, views.device):
-        for chunk in views.split(config.extract_batch_size):
+        for chunk in views.split(extract_batch_size(config, views.device)):
             if config.channels_last:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             features.append(model.features(chunk).float())
     return torch.cat(features)
 
 
+def batch_views(dataset, batch, device):
+    """The views (B, n_views, 3, s, s) on `device` of a loader batch: PIL-made views are copied (without
+    blocking only from pinned memory), tensor-backend recipes are made into views on the device."""
+    if isinstance(batch, dict):
+        return dataset.make_views(batch, device)
+    return batch.to(device, non_blocking=batch.is_pinned())
+
+
 def iterate_features(model, loader, device, config):
     """Yields (features (B, n_views, D), labels (B,)) for each batch of a MultiViewDataset loader."""
-    for views, labels in loader:
+    for batch, labels in loader:
+        views = batch_views(loader.dataset, batch, device)
         n_images, n_views = views.shape[:2]
-        flat = views.to(device, non_blocking=True).view(-1, *views.shape[2:])
+        flat = views.view(-1, *views.shape[2:])
         yield extract_view_features(model, flat, config).view(n_images, n_views, -1), labels
 
 
@@ -100,7 +128,8 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
     Either way torch's global random stream is left as it was (a DataLoader draws its base seed from
     it even without workers), so training runs the same whether the features came from the cache."""
     with torch.random.fork_rng(devices=[]):
-        dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed)
+        dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed,
+                                   backend=view_backend(config, device))
         key = None
         if config.feature_cache:
             key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config,
@@ -110,8 +139,8 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
                 log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
                 return cached[0].to(device), cached[1]
         started = time.time()
-        loader = make_loader(dataset, max(1, config.extract_batch_size // n_views), False, config,
-                             usable_num_workers(dataset, config, log))
+        loader = make_loader(dataset, max(1, extract_batch_size(config, device) // n_views), False, config,
+                             usable_num_workers(dataset, config, log), device)
         features, labels = extract_all_features(model, loader, device, config, description)
         log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
         if key is not None:
@@ -120,7 +149,8 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
 
 
 def flow_step(model, optimizer, features, config):
-    """One Adam step on a batch of feature vectors (N, D); returns the loss."""
+    """One Adam step on a batch of feature vectors (N, D); returns the loss as a 0-d tensor on the
+    features' device (reading it would wait for the GPU at every step; `loss_values` reads many at once)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(config, features.device):
         z, log_jac_det = model.nf(features)
@@ -129,7 +159,14 @@ def flow_step(model, optimizer, features, config):
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.nf.parameters(), config.max_grad_norm)
     optimizer.step()
-    return loss.item()
+    return loss.detach()
+
+
+def loss_values(losses):
+    """Python floats of step losses (0-d tensors, or floats), with one device-to-host copy."""
+    tensors = [loss.reshape(1).float() for loss in losses if torch.is_tensor(loss)]
+    read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).cpu().tolist() if tensors else [])
+    return [next(read) if torch.is_tensor(loss) else float(loss) for loss in losses]
 
 
 def pool_batches(pool, batch_size, n_views):
@@ -138,7 +175,7 @@ def pool_batches(pool, batch_size, n_views):
     n_images, pool_size = pool.shape[:2]
     for image_ids in torch.randperm(n_images).split(batch_size):
         picks = torch.rand(len(image_ids), pool_size).argsort(dim=1)[:, :n_views]
-        yield pool[image_ids.unsqueeze(1), picks.to(pool.device)].reshape(-1, pool.shape[-1])
+        yield pool[image_ids.to(pool.device).unsqueeze(1), picks.to(pool.device)].reshape(-1, pool.shape[-1])
 
 
 def score_features(model, test_features, config):
@@ -149,9 +186,10 @@ def score_features(model, test_features, config):
         for batch in test_features.split(config.batch_size_test):
             z, log_jac_det = model.nf(batch.reshape(-1, batch.shape[-1]))
             z, log_jac_det = z.float(), log_jac_det.float()
-            losses.append(nll_loss(z, log_jac_det).item())
-            scores.append(torch.mean(z.view(*batch.shape) ** 2, dim=(-2, -1)).float().cpu())
-    return torch.cat(scores).numpy(), float(np.mean(losses))
+            losses.append(nll_loss(z, log_jac_det).reshape(1))
+            scores.append(torch.mean(z.view(*batch.shape) ** 2, dim=(-2, -1)).float())
+    # one copy to the host at the end, not a wait for the GPU per batch
+    return torch.cat(scores).cpu().numpy(), float(np.mean(torch.cat(losses).double().cpu().numpy()))
 
 
 def progress(iterable, config, description, total=None):
@@ -178,7 +216,7 @@ class TrainingDiverged(Exception):
 
 def usable_num_workers(dataset, config, log):
     """config.num_workers, or 0 with a warning when worker processes cannot start here."""
-    if config.num_workers == 0:
+    if config.num_workers == 0 or getattr(dataset, 'backend', 'pil') == 'tensor':
         return 0
     try:
         with torch.random.fork_rng(devices=[]):  # the probe must not move the run's random stream
@@ -246,21 +284,24 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
             'test views', log, fixed_rotations=config.fixed_test_rotations)
     else:
         test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
-                                    fixed_rotations=config.fixed_test_rotations, keep_images=True)
+                                    fixed_rotations=config.fixed_test_rotations, keep_images=True,
+                                    backend=view_backend(config, device))
         test_loader = make_loader(test_set, config.batch_size_test, False, config,
-                                  usable_num_workers(test_set, config, log))
+                                  usable_num_workers(test_set, config, log), device)
         test_labels = test_set.labels
     if config.train_feature_pool > 0:
         pool, _ = fixed_view_features(model, train_samples, config.train_feature_pool,
                                       config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool', log)
     else:
-        train_set = MultiViewDataset(train_samples, config.n_transforms, config, keep_images=True)
+        train_set = MultiViewDataset(train_samples, config.n_transforms, config, keep_images=True,
+                                     backend=view_backend(config, device))
         train_loader = make_loader(train_set, config.batch_size, True, config,
-                                   usable_num_workers(train_set, config, log))
+                                   usable_num_workers(train_set, config, log), device)
 
     first_meta_epoch, best_scores, scores, elapsed_before = 0, None, None, 0.0
     if resume_path and os.path.isfile(resume_path):
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+        # on the CPU: random-generator states must be CPU tensors; load_state_dict moves the rest
+        state = torch.load(resume_path, map_location='cpu', weights_only=True)
         model.nf.load_state_dict(state['flow'])
         optimizer.load_state_dict(state['optimizer'])
         history = state['history']
@@ -289,12 +330,16 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
             bar = progress(batches, config, f'train {meta_epoch}.{sub_epoch}', total=steps_per_epoch)
             for batch in bar:
                 losses.append(flow_step(model, optimizer, batch, config))
-                if not math.isfinite(losses[-1]):
-                    bar.close()
-                    elapsed = elapsed_before + time.time() - start
-                    raise TrainingDiverged(meta_epoch, sub_epoch, losses[-1], finish_history(
-                        history, observer, scores, best_scores, test_labels, elapsed))
-                bar.set_postfix(loss=f'{losses[-1]:.4f}', refresh=False)
+                if not bar.disable:  # a shown bar reads every loss; otherwise they are read once below
+                    bar.set_postfix(loss=f'{float(losses[-1]):.4f}', refresh=False)
+            # checked once per sub epoch: a step after a NaN changes nothing that is kept
+            losses = loss_values(losses)
+            diverged = [loss for loss in losses if not math.isfinite(loss)]
+            if diverged:
+                bar.close()
+                elapsed = elapsed_before + time.time() - start
+                raise TrainingDiverged(meta_epoch, sub_epoch, diverged[0], finish_history(
+                    history, observer, scores, best_scores, test_labels, elapsed))
             epoch_losses.append(float(np.mean(losses)))
             if config.verbose:
                 log(f'Epoch: {meta_epoch}.{sub_epoch} \t train loss: {epoch_losses[-1]:.4f}')

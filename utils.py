@@ -29,6 +29,7 @@ BTAD (BeanTech Anomaly Detection) as distributed (.bmp images in class 01, .png 
 
 Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden files are ignored.
 """
+import contextlib
 import csv
 import difflib
 import hashlib
@@ -281,6 +282,14 @@ def resize_transform(config):
     return transforms.Resize((config.img_size, config.img_size))
 
 
+def color_jitter(config):
+    """The official ColorJitter, or None when every factor is 0."""
+    if config.transf_brightness > 0 or config.transf_contrast > 0 or config.transf_saturation > 0:
+        return transforms.ColorJitter(brightness=config.transf_brightness, contrast=config.transf_contrast,
+                                      saturation=config.transf_saturation)
+    return None
+
+
 def augment_transform(config, rotation_angle=None):
     """The steps of `view_transform` after the (deterministic) resize: the random ones and the tensor."""
     steps = []
@@ -288,10 +297,8 @@ def augment_transform(config, rotation_angle=None):
         steps.append(transforms.Lambda(lambda image: TF.rotate(image, rotation_angle)))
     elif config.transf_rotations:
         steps.append(transforms.RandomRotation(180))
-    if config.transf_brightness > 0 or config.transf_contrast > 0 or config.transf_saturation > 0:
-        steps.append(transforms.ColorJitter(brightness=config.transf_brightness,
-                                            contrast=config.transf_contrast,
-                                            saturation=config.transf_saturation))
+    if color_jitter(config) is not None:
+        steps.append(color_jitter(config))
     steps += [transforms.ToTensor(), transforms.Normalize(config.norm_mean, config.norm_std)]
     return transforms.Compose(steps)
 
@@ -304,6 +311,124 @@ def view_transform(config, rotation_angle=None):
 
 def fixed_angles(n_views):
     return [i * 360.0 / n_views for i in range(n_views)]
+
+
+VIEW_BACKENDS = ('auto', 'pil', 'tensor')
+CPU_VIEW_BACKEND = 'tensor'  # what 'auto' means on a CPU: the faster one in benchmarks/views.py (README)
+ROTATION_CHUNK = 32  # views rotated at a time: their coordinates take ~40 MB at 448 px
+DEVICE_IMAGE_SHARE = 0.25  # kept images go onto the GPU when they take less than this share of its free memory
+
+
+def resolve_view_backend(name, device):
+    """'pil' or 'tensor' for the `view_backend` setting on `device`."""
+    if name not in VIEW_BACKENDS:
+        raise UserError(f"view_backend = '{name}' is not one of {', '.join(VIEW_BACKENDS)}; use --view_backend auto")
+    if name == 'auto':
+        return 'tensor' if device.type == 'cuda' else CPU_VIEW_BACKEND
+    return name
+
+
+def pil_rotation_matrices(angles, size):
+    """(V, 6) float64: for each angle (degrees, counter-clockwise) the inverse affine map (a, b, c, d, e, f)
+    with which PIL's Image.rotate(angle, NEAREST, expand=False) samples a square image of side `size`:
+    output pixel (x, y) takes the source pixel (floor(a x' + b y' + c), floor(d x' + e y' + f)) at the
+    pixel centre x' = x + 0.5, y' = y + 0.5. Computed in Python as Image.rotate computes it (cos and sin
+    rounded to 15 decimals, the same order of operations), so the coefficients are PIL's to the bit."""
+    rows = []
+    centre = size / 2
+    for angle in angles:
+        radians = -math.radians(float(angle) % 360.0)
+        a, b = round(math.cos(radians), 15), round(math.sin(radians), 15)
+        d, e = round(-math.sin(radians), 15), round(math.cos(radians), 15)
+        c = a * -centre + b * -centre + 0.0 + centre
+        f = d * -centre + e * -centre + 0.0 + centre
+        rows.append([a, b, c, d, e, f])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
+
+
+def fixed_point(values):
+    """PIL's FIX(v) = floor(v * 65536 + 0.5): 16.16 fixed point, as int64."""
+    return torch.floor(values * 65536.0 + 0.5).long()
+
+
+def rotate_nearest(images, angles):
+    """uint8 (V, C, s, s) -> each image rotated by its angle (degrees) as PIL's NEAREST Image.rotate,
+    the rotation of RandomRotation(180) (fill 0, no expand), in one gather on the images' device.
+    PIL's nearest affine transform runs in 16.16 fixed point (Geometry.c, affine_fixed): the source of
+    output pixel (x, y) is ((A2 + y A1 + x A0) >> 16, (A5 + y A4 + x A3) >> 16) with A = FIX(matrix) and
+    the start A2 = FIX(c + a/2 + b/2). Integer arithmetic, so the pixels are PIL's on any device."""
+    count, channels, height, width = images.shape
+    if height != width:
+        raise ValueError(f'rotate_nearest needs square images, got {height} x {width}')
+    if count > ROTATION_CHUNK:  # the integer coordinates take 4-8 bytes per pixel and view: bounded
+        return torch.cat([rotate_nearest(images[start:start + ROTATION_CHUNK], angles[start:start + ROTATION_CHUNK])
+                          for start in range(0, count, ROTATION_CHUNK)])
+    a, b, c, d, e, f = pil_rotation_matrices(angles, width).unbind(dim=1)
+    # 16.16 values stay below 2^31 up to sides of several thousand pixels: int32 halves the traffic
+    integer = torch.int32 if width <= 4096 else torch.int64
+    steps = fixed_point(torch.stack([a, b, d, e], dim=1)).to(images.device, integer)
+    starts = fixed_point(torch.stack([c + a * 0.5 + b * 0.5, f + d * 0.5 + e * 0.5], dim=1)).to(images.device, integer)
+    pixels = torch.arange(width, dtype=integer, device=images.device)
+    # the row start plus the column step, broadcast: (V, s, 1) + (V, 1, s)
+    source_x = (starts[:, :1, None] + pixels.view(1, -1, 1) * steps[:, 1, None, None]
+                + pixels.view(1, 1, -1) * steps[:, 0, None, None]) >> 16
+    source_y = (starts[:, 1:, None] + pixels.view(1, -1, 1) * steps[:, 3, None, None]
+                + pixels.view(1, 1, -1) * steps[:, 2, None, None]) >> 16
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    flat_index = (source_y.clamp_(0, height - 1) * width + source_x.clamp_(0, width - 1)).long().view(count, 1, -1)
+    rotated = images.reshape(count, channels, -1).gather(2, flat_index.expand(count, channels, -1))
+    rotated *= inside.view(count, 1, -1)
+    return rotated.view_as(images)
+
+
+def pil_luminance(images):
+    """uint8 (V, 3, s, s) -> int32 (V, s, s): PIL's convert('L'), L = (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+    weighted = images.int() * torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
+    return (weighted.sum(dim=1) + 0x8000) >> 16
+
+
+def pil_blend(degenerate, images, factors):
+    """PIL's Image.blend(degenerate, image, factor) in float32, truncated to uint8 like its C loop."""
+    factors = factors.to(device=images.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    low = degenerate.float()
+    return (low + factors * (images.float() - low)).clamp(0, 255).to(torch.uint8)
+
+
+def jitter_like_pil(images, order, factors, enabled):
+    """ColorJitter of uint8 views (V, 3, s, s) as torchvision does it on PIL images (ImageEnhance:
+    Brightness, Contrast, Color), each view with its own order (V, 4) and factors (V, 3) (brightness,
+    contrast, saturation); `enabled` the ops ColorJitter has (a factor of 1 leaves a view unchanged)."""
+    order, factors = order.to(images.device), factors.to(images.device)
+    for position in range(4):
+        for op in enabled:
+            factor = torch.where(order[:, position] == op, factors[:, op], torch.ones_like(factors[:, op]))
+            if op == 0:
+                degenerate = torch.zeros_like(images)
+            elif op == 1:
+                luminance = pil_luminance(images).double()
+                mean = torch.floor(luminance.mean(dim=(1, 2)) + 0.5).to(torch.uint8)
+                degenerate = mean.view(-1, 1, 1, 1).expand_as(images)
+            else:
+                degenerate = pil_luminance(images).to(torch.uint8).unsqueeze(1).expand_as(images)
+            images = pil_blend(degenerate, images, factor)
+    return images
+
+
+def pil_to_uint8(image):
+    """PIL RGB image -> uint8 tensor (3, h, w), the pixels as they are."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def place_images(images, device):
+    """The kept images where views are made from: on a CUDA device when they take under
+    DEVICE_IMAGE_SHARE of its free memory, else in pinned host memory (copied per batch without
+    blocking); on the CPU as they are."""
+    if device.type != 'cuda':
+        return images
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() < DEVICE_IMAGE_SHARE * free_bytes:
+        return images.to(device)
+    return images.pin_memory()
 
 
 class MultiViewDataset(Dataset):
@@ -320,14 +445,29 @@ class MultiViewDataset(Dataset):
     `keep_images`, the resized image is kept in memory (img_size^2 x 3 bytes per image: 126 MB for
     bottle's 209) and later epochs skip decoding: it saves ~8 s per on-line sub epoch on bottle. Workers
     each keep their own copy, so it only pays off with persistent workers or none.
+
+    backend 'tensor': an item is (recipe, label) instead, the recipe holding the item's index and the
+    random parameters of its views (angles, ColorJitter order and factors), drawn from the same stream
+    in the same order as the PIL transforms draw them; `make_views` turns a collated batch of recipes
+    into views with tensor operations on the device, from every image decoded and resized once (with
+    the same PIL Resize) and kept as uint8. The views equal the PIL path's (README, Performance).
     """
 
-    def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None, keep_images=False):
+    def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None, keep_images=False,
+                 backend='pil'):
+        if backend not in ('pil', 'tensor'):
+            raise ValueError(f"backend must be 'pil' or 'tensor', got {backend!r}")
         self.samples = list(samples)
         self.n_views = n_views
         self.view_seed = view_seed
+        self.backend = backend
         self.resize = resize_transform(config)
-        self.kept_images = {} if keep_images else None
+        self.kept_images = {} if keep_images and backend == 'pil' else None
+        self.angles = fixed_angles(n_views) if fixed_rotations else None
+        self.random_rotation = bool(config.transf_rotations) and not fixed_rotations
+        self.jitter = color_jitter(config)
+        self.norm_mean, self.norm_std = tuple(config.norm_mean), tuple(config.norm_std)
+        self.images = None  # tensor backend: uint8 (N, 3, s, s), made on first use by `image_tensor`
         if fixed_rotations:
             self.view_transforms = [augment_transform(config, angle) for angle in fixed_angles(n_views)]
         else:
@@ -344,13 +484,85 @@ class MultiViewDataset(Dataset):
             self.kept_images[index] = image
         return image
 
-    def __getitem__(self, index):
-        image, label = self.resized_image(index), self.samples[index].label
+    @contextlib.contextmanager
+    def view_stream(self, index):
+        """Draws inside come from the seed (view_seed, index) when view_seed is set, and the global
+        stream is left as it was. Only the CPU generator is seeded: torch.manual_seed would also reseed
+        every CUDA generator, which fork_rng(devices=[]) does not restore."""
         if self.view_seed is None:
-            return torch.stack([transform(image) for transform in self.view_transforms]), label
+            yield
+            return
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.view_seed * 1_000_003 + index)
+            torch.default_generator.manual_seed(self.view_seed * 1_000_003 + index)
+            yield
+
+    def __getitem__(self, index):
+        label = self.samples[index].label
+        if self.backend == 'tensor':
+            with self.view_stream(index):
+                return self.draw_recipe(index), label
+        image = self.resized_image(index)
+        with self.view_stream(index):
             return torch.stack([transform(image) for transform in self.view_transforms]), label
+
+    def draw_recipe(self, index):
+        """The random parameters of the item's views, drawn as RandomRotation(180) then ColorJitter draw
+        them, view after view (`view_transforms` draw the same numbers from the same stream)."""
+        angles = torch.zeros(self.n_views, dtype=torch.float64)
+        order = torch.arange(4).repeat(self.n_views, 1)
+        factors = torch.ones(self.n_views, 3, dtype=torch.float64)
+        for view in range(self.n_views):
+            if self.angles is not None:
+                angles[view] = self.angles[view]
+            elif self.random_rotation:
+                angles[view] = transforms.RandomRotation.get_params([-180.0, 180.0])
+            if self.jitter is not None:
+                permutation, *drawn = transforms.ColorJitter.get_params(
+                    self.jitter.brightness, self.jitter.contrast, self.jitter.saturation, self.jitter.hue)
+                order[view] = permutation
+                factors[view] = torch.tensor([1.0 if value is None else value for value in drawn[:3]])
+        return {'index': index, 'angles': angles, 'jitter_order': order, 'jitter_factors': factors}
+
+    def image_tensor(self, device):
+        """uint8 (N, 3, s, s) of every image, decoded and resized once (PIL Resize, as the PIL path),
+        placed by `place_images`."""
+        if self.images is None:
+            self.images = place_images(torch.stack([pil_to_uint8(self.resized_image(i)) for i in range(len(self))]),
+                                       device)
+        return self.images
+
+    def make_views(self, recipe, device):
+        """Views (B, n_views, 3, s, s) float32 on `device` of a collated batch of recipes: rotation,
+        ColorJitter, /255 and normalization, as the PIL path, batched."""
+        images = self.image_tensor(device)
+        index = recipe['index']
+        # (devices are not compared: torch.device('cuda') differs from the 'cuda:0' a tensor reports)
+        if images.is_pinned():  # the gathered rows are pinned again so that the copy does not block
+            batch = images[index].pin_memory().to(device, non_blocking=True)
+        else:
+            batch = images[index.to(images.device)].to(device)
+        count, n_views = recipe['angles'].shape
+        size = batch.shape[-1]
+        views = batch.unsqueeze(1).expand(count, n_views, *batch.shape[1:]).reshape(-1, *batch.shape[1:])
+        angles = recipe['angles'].reshape(-1)
+        if bool((torch.remainder(angles, 360.0) != 0).any()):
+            views = rotate_nearest(views, angles.tolist())
+        if self.jitter is not None:
+            enabled = [op for op, value in enumerate((self.jitter.brightness, self.jitter.contrast,
+                                                      self.jitter.saturation)) if value is not None]
+            views = jitter_like_pil(views, recipe['jitter_order'].reshape(-1, 4),
+                                    recipe['jitter_factors'].reshape(-1, 3), enabled)
+        mean = torch.tensor(self.norm_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.norm_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        views = views.float().div(255).sub(mean).div(std)
+        return views.view(count, n_views, 3, size, size)
+
+    def views_of(self, index, device):
+        """The views (n_views, 3, s, s) of item `index` on `device`, from either backend."""
+        item, _ = self[index]
+        if self.backend == 'pil':
+            return item.to(device)
+        return self.make_views(torch.utils.data.default_collate([item]), device)[0]
 
     @property
     def labels(self):

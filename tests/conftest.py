@@ -64,7 +64,12 @@ def imagenet_state():
         state, _ = load_imagenet_alexnet_features()
     except UserError as error:
         if str(error).startswith('no ImageNet AlexNet weights could be obtained'):
-            pytest.skip('needs the ImageNet AlexNet weights, which this machine cannot get (README, '
-                        '"ImageNet weights, offline")')
+            pytest.skip('needs the ImageNet AlexNet weights, which this machine cannot get '
+                        '(docs/troubleshooting.md, "ImageNet weights without internet")')
         raise
     return state
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device; skipped with the reason without one '
+                                       '(benchmarks/gpu_check.py runs `pytest -m cuda`)')

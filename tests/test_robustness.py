@@ -131,7 +131,7 @@ def test_dataloader_workers_failing_fall_back_to_main_process(official_tree, tmp
         return real_loader(*args, num_workers=num_workers, **kwargs)
     monkeypatch.setattr(train, 'DataLoader', loader_without_workers)
     code = main(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(tmp_path / 'o'),
-                 '--num_workers', '2', '--cache_test_features', 'false', *TINY])
+                 '--num_workers', '2', '--cache_test_features', 'false', '--view_backend', 'pil', *TINY])
     assert code == 0
     assert 'loading images in the main process instead' in capsys.readouterr().out
 
