@@ -418,7 +418,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
     User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
     with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
     """
-    from utils import UserError
+    from utils import UserError, remove_stale_temporaries
     seed_config = build_config(**{**vars(config), 'seed': seed})
     state_path = None
     if config.resume_state:
@@ -443,8 +443,10 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
         else:
             raise
     record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
-    if state_path and os.path.isfile(state_path):
-        os.remove(state_path)
+    if state_path:
+        if os.path.isfile(state_path):
+            os.remove(state_path)
+        remove_stale_temporaries(state_path)  # a writer killed while saving it leaves its temporary file
 
 
 def checked_class_names(config):

@@ -39,6 +39,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 from typing import NamedTuple, Optional
 
@@ -708,7 +709,8 @@ def replace_atomically(path, write):
     writing the same file at once (ranks of a sweep, two runs sharing the feature cache) never touch
     each other's; the last rename wins and every reader sees one whole file."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, part = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.part')
+    handle, part = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path) + f'{socket.gethostname()}-{os.getpid()}.',
+                                    suffix='.part')
     os.close(handle)
     try:
         os.chmod(part, 0o666 & ~current_umask())  # mkstemp's 0600 would make results private to one user
@@ -720,6 +722,43 @@ def replace_atomically(path, write):
             os.remove(part)
         raise
     sync_file(folder)  # the rename itself reaches the disk
+    remove_stale_temporaries(path)
+
+
+def temporary_prefix(path):
+    return f'.{os.path.basename(path)}.'
+
+
+def remove_stale_temporaries(path):
+    """Removes the temporary files of `path` that writers on this machine left when they were killed
+    (SIGKILL, power cut: no handler runs); those of live processes, and of other machines sharing the
+    folder, are left alone. Names: .<file>.<host>-<pid>.<random>.part"""
+    folder, prefix, host = os.path.dirname(os.path.abspath(path)), temporary_prefix(path), socket.gethostname()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith('.part')):
+            continue
+        writer = name[len(prefix):-len('.part')].rsplit('.', 1)[0]
+        writer_host, _, pid = writer.rpartition('-')
+        if writer_host != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass  # another process removed it first
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def sync_file(path):

@@ -27,8 +27,9 @@ sys.path.insert(0, REPO_ROOT)
 
 from main import build_config  # noqa: E402
 from model import DifferNet, load_imagenet_alexnet_features  # noqa: E402
-from train import (extract_view_features, flow_step, iterate_features, make_loader, make_optimizer,  # noqa: E402
-                   prepare_extractor, score_features)
+from freia_funcs import nll_loss  # noqa: E402
+from train import (autocast, batch_views, extract_view_features, flow_step, iterate_features, make_loader,  # noqa: E402
+                   make_optimizer, prepare_extractor, score_features, view_backend)
 from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
 MODES = {
@@ -41,7 +42,7 @@ MODES = {
 }
 
 
-COMPONENTS = ['extraction', 'flow', 'loading', 'online']
+COMPONENTS = ['extraction', 'flow', 'loading', 'online', 'breakdown']
 
 
 def timed(function, repeats):
@@ -116,6 +117,53 @@ def bench_online_sub_epochs(state, dataset_path, class_name, bf16, num_workers, 
               f'{time.perf_counter() - start:6.1f} s', flush=True)
 
 
+def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads):
+    """Where one on-line sub epoch's time goes: view making (loader and device copy), AlexNet, the flow's
+    forward pass and loss, backward, zero_grad + Adam step, and the rest (the difference to the wall time
+    of the loop). The second of two sub epochs is measured (the first decodes the images). With
+    `keep_grads`, zero_grad keeps the 172 M-value gradient buffers instead of freeing them every step
+    (set_to_none=False: the same update, since backward adds into zeros)."""
+    config = build_config(bf16_autocast=bf16)
+    device = torch.device('cpu')
+    torch.manual_seed(0)
+    model = DifferNet(config, state)
+    prepare_extractor(model, config)
+    optimizer = make_optimizer(model.nf, config)
+    train, _ = find_class_samples(dataset_path, class_name)
+    dataset = MultiViewDataset(train, config.n_transforms, config, keep_images=True,
+                               backend=view_backend(config, device))
+    loader = make_loader(dataset, config.batch_size, True, config, device=device)
+    for sub_epoch in range(2):
+        parts = dict.fromkeys(['views', 'extraction', 'flow forward + loss', 'backward', 'zero_grad + Adam step'], 0.0)
+        start = mark = time.perf_counter()
+
+        def lap(name):
+            nonlocal mark
+            now = time.perf_counter()
+            parts[name] += now - mark
+            mark = now
+        for batch, _ in loader:
+            views = batch_views(dataset, batch, device)
+            lap('views')
+            features = extract_view_features(model, views.view(-1, *views.shape[2:]), config)
+            lap('extraction')
+            optimizer.zero_grad(set_to_none=not keep_grads)
+            with autocast(config, device):
+                z, log_jac_det = model.nf(features)
+            loss = nll_loss(z.float(), log_jac_det.float())
+            lap('flow forward + loss')
+            loss.backward()
+            lap('backward')
+            optimizer.step()
+            lap('zero_grad + Adam step')
+        total = time.perf_counter() - start
+    label = f'{"bf16" if bf16 else "fp32"}, {"grads kept" if keep_grads else "grads freed (set_to_none)"}'
+    rest = total - sum(parts.values())
+    print(f'sub epoch breakdown ({label}; {len(train)} {class_name} images x {config.n_transforms} views): '
+          + ', '.join(f'{name} {seconds:.1f} s' for name, seconds in parts.items())
+          + f', rest {rest:.1f} s; total {total:.1f} s', flush=True)
+
+
 def full_run(mode, args):
     out = os.path.join(args.results_dir, f'{mode}_{time.strftime("%Y%m%d_%H%M%S")}')
     command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--dataset_path', args.dataset_path,
@@ -165,6 +213,9 @@ def main():
         if 'online' in args.components:
             for bf16, num_workers in ((False, 0), (False, 1), (True, 0), (True, 1)):
                 bench_online_sub_epochs(state, args.dataset_path, args.class_name, bf16, num_workers)
+        if 'breakdown' in args.components:
+            for bf16, keep_grads in ((False, False), (False, True), (True, False), (True, True)):
+                bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, bf16, keep_grads)
     for mode in args.full_run:
         full_run(mode, args)
 

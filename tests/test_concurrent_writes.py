@@ -2,6 +2,7 @@
 succeed, and what is left is one whole, valid file."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -53,3 +54,20 @@ def test_atomic_files_keep_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A writer killed mid-write (SIGKILL: no handler runs) leaves its temporary file; the next write of the
+    same file removes it, but never a live process's."""
+    target = tmp_path / 'state.pt'
+    killed = subprocess.Popen([sys.executable, '-c', 'pass'])
+    killed.wait()  # its pid no longer runs
+    host = socket.gethostname()
+    stale = tmp_path / f'.state.pt.{host}-{killed.pid}.abc123.part'
+    live = tmp_path / f'.state.pt.{host}-{os.getpid()}.def456.part'
+    elsewhere = tmp_path / f'.state.pt.other-host-{killed.pid}.ghi789.part'
+    for path in (stale, live, elsewhere):
+        path.write_text('half a file')
+    write_json_atomic(str(target), {'a': 1})
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert json.loads(target.read_text()) == {'a': 1}
