@@ -19,6 +19,8 @@ MODES = {
     'pool16': ['--train_feature_pool', '16'],
     'pool32': ['--train_feature_pool', '32'],
     'online_bf16': ['--train_feature_pool', '0', '--bf16_autocast', 'true'],
+    'online_auto': ['--train_feature_pool', '0', '--bf16_autocast', 'auto'],  # bf16 only where native
+    'pool16_bf16': ['--train_feature_pool', '16', '--bf16_autocast', 'true'],
     'official_test_views': ['--train_feature_pool', '0', '--cache_test_features', 'false'],
 }
 
