@@ -164,8 +164,7 @@ def validate_threshold_fpr(config):
 
 def class_names(config):
     """The requested classes: one name, a comma-separated list (or a list in config.py), or 'all'."""
-    from utils import UserError
-    from utils import class_folders
+    from utils import UserError, class_folders
     names = config.class_name
     if isinstance(names, str):
         names = [name.strip() for name in names.split(',')]
@@ -258,8 +257,7 @@ def fresh_results_dir(config):
 
 def load_run_to_resume(results_dir):
     """(config, results) of the run in `results_dir`, for --resume."""
-    from utils import UserError
-    from utils import read_json
+    from utils import UserError, read_json
     path = os.path.join(results_dir, 'results.json')
     if not os.path.isfile(path):
         raise UserError(f'nothing to resume in {results_dir}: no results.json there; give the folder a run printed')
@@ -451,8 +449,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
 
 def checked_class_names(config):
     """(class names, {class: why it cannot run}); raises UserError when no class can run."""
-    from utils import UserError
-    from utils import find_class_samples
+    from utils import UserError, find_class_samples
     names = class_names(config)
     problems = {}
     for class_name in names:  # a mistyped class fails now, not after hours of another
@@ -576,11 +573,10 @@ def score_images(config, paths, checkpoint_path, threshold=None, score_out='scor
     """The `--score` command: scores the images of `paths` with the checkpoint, decides with the
     threshold, prints a table, writes the CSV (and a gradient-map PNG per image into `maps_dir`).
     Returns the rows (file, score, decision)."""
-    from utils import UserError
     from localization import export_map, map_file_name
     from model import load_checkpoint
     from train import prepare_model, reference_view_features, scores_of_features
-    from utils import (Sample, collect_images, decision_threshold, image_problems, resolve_device,
+    from utils import (Sample, UserError, collect_images, decision_threshold, image_problems, resolve_device,
                        write_scores_csv)
 
     image_paths = collect_images(paths)
@@ -631,8 +627,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if '-h' in argv or '--help' in argv:
         parse_command_line(argv)  # prints the help and exits before torch is imported: about a second
-    from utils import UserError
     from sweep import RankZeroError, prefix_output, run_sweep, torchrun_launch
+    from utils import UserError
     launch = torchrun_launch()
     restore_output = prefix_output(launch) if launch else None
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
