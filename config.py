@@ -41,7 +41,7 @@ n_transforms = 4  # random views of each training image per epoch
 n_transforms_test = 64  # random views of each test image; its score is the mean z^2 over them
 batch_size = 24  # training images per step (each with n_transforms views: 96 feature vectors)
 batch_size_test = 1  # test images per flow pass (official: batch_size * n_transforms // n_transforms_test)
-extract_batch_size = 16  # views per AlexNet pass; memory only, the features do not depend on it
+extract_batch_size = 16  # views per AlexNet pass; memory and float rounding only (batch 1 vs 16: up to 2e-7)
 extract_batch_size_cuda = 256  # views per AlexNet pass on a CUDA device (16 leaves a GPU mostly idle); memory only
 
 # --- speed (docs/performance.md and docs/faithfulness.md: each measured against the official behaviour) ---

@@ -65,7 +65,8 @@ def view_backend(config, device):
 
 def extract_batch_size(config, device):
     """Views per AlexNet pass: `extract_batch_size` on the CPU, `extract_batch_size_cuda` on a GPU,
-    where a pass of 16 views leaves most of it idle. Memory only: the features do not depend on it."""
+    where a pass of 16 views leaves most of it idle. Memory and float rounding only (batch 1 and 16
+    differ by up to 2e-7)."""
     if device.type == 'cuda':
         return getattr(config, 'extract_batch_size_cuda', config.extract_batch_size)
     return config.extract_batch_size

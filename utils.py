@@ -298,8 +298,9 @@ def augment_transform(config, rotation_angle=None):
         steps.append(transforms.Lambda(lambda image: TF.rotate(image, rotation_angle)))
     elif config.transf_rotations:
         steps.append(transforms.RandomRotation(180))
-    if color_jitter(config) is not None:
-        steps.append(color_jitter(config))
+    jitter = color_jitter(config)
+    if jitter is not None:
+        steps.append(jitter)
     steps += [transforms.ToTensor(), transforms.Normalize(config.norm_mean, config.norm_std)]
     return transforms.Compose(steps)
 
@@ -315,7 +316,7 @@ def fixed_angles(n_views):
 
 
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
-CPU_VIEW_BACKEND = 'tensor'  # what 'auto' means on a CPU: the faster one in benchmarks/views.py (README)
+CPU_VIEW_BACKEND = 'tensor'  # what 'auto' means on a CPU: the faster one in benchmarks/views.py (docs/gpu.md)
 ROTATION_CHUNK = 32  # views rotated at a time: their coordinates take ~40 MB at 448 px
 DEVICE_IMAGE_SHARE = 0.25  # kept images go onto the GPU when they take less than this share of its free memory
 
@@ -451,7 +452,7 @@ class MultiViewDataset(Dataset):
     random parameters of its views (angles, ColorJitter order and factors), drawn from the same stream
     in the same order as the PIL transforms draw them; `make_views` turns a collated batch of recipes
     into views with tensor operations on the device, from every image decoded and resized once (with
-    the same PIL Resize) and kept as uint8. The views equal the PIL path's (README, Performance).
+    the same PIL Resize) and kept as uint8. The views equal the PIL path's (docs/gpu.md).
     """
 
     def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None, keep_images=False,
@@ -470,7 +471,7 @@ class MultiViewDataset(Dataset):
         self.norm_mean, self.norm_std = tuple(config.norm_mean), tuple(config.norm_std)
         self.images = None  # tensor backend: uint8 (N, 3, s, s), made on first use by `image_tensor`
         if fixed_rotations:
-            self.view_transforms = [augment_transform(config, angle) for angle in fixed_angles(n_views)]
+            self.view_transforms = [augment_transform(config, angle) for angle in self.angles]
         else:
             self.view_transforms = [augment_transform(config)] * n_views
 
