@@ -9,7 +9,7 @@ from conftest import tiny_config
 from main import main as main_entry
 from model import DifferNet
 from train import extract_all_features, fixed_view_features, make_loader, pool_batches, train_class
-from utils import MultiViewDataset, choose_precision, find_class_samples, has_native_bf16
+from utils import MultiViewDataset, bf16_pays_off, choose_precision, find_class_samples
 
 DEVICE = torch.device('cpu')
 
@@ -109,33 +109,67 @@ def test_extraction_batches_do_not_change_features(official_tree):
     assert one.shape == (len(test), 3, 256)
 
 
-@pytest.mark.parametrize('device_type', ['cpu', 'cuda'])
-def test_precision_auto_takes_bf16_only_where_native_and_says_why(device_type):
-    device = torch.device(device_type)
-    assert choose_precision('auto', device, native_bf16=True) == (
-        True, f'precision: bfloat16 (bf16_autocast auto: {device_type} computes bfloat16 natively)')
-    assert choose_precision('auto', device, native_bf16=False) == (
-        False, f'precision: float32 (bf16_autocast auto: {device_type} has no native bfloat16)')
-    forced, line = choose_precision(True, device, native_bf16=False)
+def test_precision_auto_takes_bf16_only_where_it_pays_off_and_says_why():
+    assert choose_precision('auto', True, 'cpu has AMX') == (True, 'precision: bfloat16 (bf16_autocast auto: cpu has AMX)')
+    assert choose_precision('auto', False, 'cuda has no native bfloat16') == (
+        False, 'precision: float32 (bf16_autocast auto: cuda has no native bfloat16)')
+    forced, line = choose_precision(True, False, 'cpu has no native bfloat16')
     assert forced and line.startswith('warning:') and '--bf16_autocast auto or false' in line
-    assert choose_precision(True, device, native_bf16=True) == (True, 'precision: bfloat16 (bf16_autocast true)')
-    off, line = choose_precision(False, device, native_bf16=True)
-    assert not off and '--bf16_autocast auto would use it' in line
-    assert choose_precision(False, device, native_bf16=False)[0] is False
+    assert 'cpu has no native bfloat16' in line
+    assert choose_precision(True, True, 'why') == (True, 'precision: bfloat16 (bf16_autocast true)')
+    off, line = choose_precision(False, True, 'cpu has AMX')
+    assert not off and 'as the paper; cpu has AMX' in line and '--bf16_autocast auto would use it' in line
+    off, line = choose_precision(False, False, 'cpu has no native bfloat16')
+    assert not off and 'would use it' not in line
 
 
-def test_native_bf16_check_follows_cuda_and_the_cpu(monkeypatch):
+@pytest.mark.parametrize('amx, avx512_bf16, expected, reason', [
+    (True, True, True, 'cpu has AMX'),
+    (False, True, False, 'cpu has AVX512-BF16 but no AMX'),  # native, yet measured slower than fp32
+    (False, False, False, 'cpu has no native bfloat16'),
+])
+def test_cpu_bf16_pays_off_only_with_amx(monkeypatch, amx, avx512_bf16, expected, reason):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, raising=False)
+    fast, why = bf16_pays_off(torch.device('cpu'))
+    assert fast is expected and why.startswith(reason)
+
+
+def test_cpu_check_without_torch_support_says_float32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported', raising=False)
+    monkeypatch.delattr(torch.cpu, '_is_avx512_bf16_supported', raising=False)
+    assert bf16_pays_off(torch.device('cpu')) == (False, 'cpu has no native bfloat16')
+
+
+@pytest.mark.parametrize('cuda_bf16', [True, False])
+def test_cuda_bf16_check_follows_the_gpu(monkeypatch, cuda_bf16):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: cuda_bf16)
+    fast, why = bf16_pays_off(torch.device('cuda'))
+    assert fast is cuda_bf16
+    assert why == ('cuda computes bfloat16 natively' if cuda_bf16 else 'cuda has no native bfloat16')
+
+
+@pytest.mark.parametrize('cuda_present', [True, False])
+def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
+    """device 'auto' and bf16_autocast 'auto': a CUDA GPU with bf16 gets bf16; without CUDA, a CPU without
+    AMX gets float32. The config handed on holds the choice, not 'auto'."""
+    from main import with_precision
+    from utils import resolve_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
-    assert has_native_bf16(torch.device('cuda')) is True
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: False)
-    assert has_native_bf16(torch.device('cuda')) is False
-    assert isinstance(has_native_bf16(torch.device('cpu')), bool)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
+    device = resolve_device('auto')
+    config, line = with_precision(tiny_config(bf16_autocast='auto'), device)
+    assert device.type == ('cuda' if cuda_present else 'cpu')
+    assert config.bf16_autocast is cuda_present
+    assert line.startswith('precision: bfloat16 (bf16_autocast auto: cuda' if cuda_present
+                           else 'precision: float32 (bf16_autocast auto: cpu')
 
 
 @pytest.mark.parametrize('native', [True, False])
 def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tmp_path, monkeypatch, capsys, native):
     import utils
-    monkeypatch.setattr(utils, 'has_native_bf16', lambda device: native)
+    monkeypatch.setattr(utils, 'bf16_pays_off', lambda device: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
     out = tmp_path / 'run'
     assert main_entry(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(out),
                        '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2', '--fc_internal', '32',
@@ -143,7 +177,7 @@ def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tm
                        '--pretrained', 'false', '--device', 'cpu', '--feature_cache', 'false',
                        '--bf16_autocast', 'auto']) == 0
     printed = capsys.readouterr().out
-    expected = 'bfloat16 (bf16_autocast auto: cpu computes' if native else 'float32 (bf16_autocast auto: cpu has no'
+    expected = 'bfloat16 (bf16_autocast auto: cpu has AMX)' if native else 'float32 (bf16_autocast auto: cpu has no AMX)'
     assert f'precision: {expected}' in printed
     with open(out / 'results.json') as handle:
         assert json.load(handle)['config']['bf16_autocast'] is native
