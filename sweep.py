@@ -78,7 +78,7 @@ def disk_text(config, n_jobs, running_at_once=1):
         files = ' + '.join(name for name, on in (('<class>_checkpoint.pt', config.save_checkpoint),
                                                  ('<class>_best.pt', config.save_best)) if on)
         per_job = checkpoint_bytes(config) * (int(config.save_checkpoint) + int(config.save_best))
-        checkpoints = f'{size_text(per_job)} per job for {files} ({n_jobs} jobs: {size_text(n_jobs * per_job)})'
+        checkpoints = f'{size_text(per_job)} per job for {files} ({n_jobs} job{"s" if n_jobs != 1 else ""}: {size_text(n_jobs * per_job)})'
     else:
         checkpoints = 'no checkpoints (save_checkpoint = False)'
     if config.resume_state:

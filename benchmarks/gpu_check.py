@@ -179,6 +179,7 @@ def main():
     report['flow_step_ms_bf16'] = flow_step_ms(build_config(**{**vars(config), 'bf16_autocast': True}), device,
                                                10 if args.quick else 50)
     log(f"flow step: {report['flow_step_ms']} ms fp32, {report['flow_step_ms_bf16']} ms bf16")
+    log(json.dumps(report))  # the figures so far, should the full run be stopped
     report['full_run'] = None if args.skip_full_run else full_run(config, device, work_dir)
     report['total_wall_s'] = round(time.time() - started, 1)
     print(json.dumps(report))

@@ -10,7 +10,7 @@ Modes of --full_run (each a `python main.py` run on --dataset_path/--class_name,
     default   config.py as it is
     online    train_feature_pool = 0 (the official on-line augmentation), test cache on
     pool16    train_feature_pool = 16 (16 views per training image extracted once), test cache on
-    pool16_bf16  the same with bf16_autocast = True (the fastest mode)
+    pool16_bf16  the same with bf16_autocast = True (fast; collapses on screw, not recommended)
     official  train_feature_pool = 0, cache_test_features = False, channels_last = False, adam_fused = False
 """
 import argparse
