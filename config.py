@@ -46,12 +46,12 @@ extract_batch_size_cuda = 256  # views per AlexNet pass on a CUDA device (16 lea
 
 # --- speed (docs/performance.md and docs/faithfulness.md: each measured against the official behaviour) ---
 train_feature_pool = 0  # K > 0: extract K random views per training image once, draw n_transforms per epoch from them
-cache_test_features = True  # deviation: draw the test views once per class (from the seed) and reuse them every meta epoch
+cache_test_features = True  # deviation: draw the test views once per class (from the seed) and reuse them every meta epoch (no AUROC direction, measured)
 feature_cache = True  # keep extracted pool/test features on disk, keyed by files, settings, seed and weights
 feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
 view_backend = 'auto'  # 'pil' (official: views made one by one on PIL images), 'tensor' (images kept as uint8 tensors, views made in batches on the device, same pixels), 'auto': tensor (faster on CUDA and CPU)
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
-bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers); 'auto': bf16 only where the device computes it natively
+bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers; not a default by the parity rule); 'auto': bf16 where faster (CUDA, AMX CPUs)
 
 # --- checkpoints, scoring, gradient maps ---
 save_checkpoint = True  # write <class>_checkpoint.pt and its reference scores at the end of each job (690 MB at paper size); False for sweeps
