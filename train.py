@@ -60,7 +60,7 @@ def make_loader(dataset, batch_size, shuffle, config, num_workers=None, device=N
 
 def view_backend(config, device):
     """'pil' or 'tensor': how the views are made (config.view_backend, 'auto' resolved for `device`)."""
-    return resolve_view_backend(getattr(config, 'view_backend', 'pil'), device)
+    return resolve_view_backend(config.view_backend, device)
 
 
 def extract_batch_size(config, device):
@@ -68,7 +68,7 @@ def extract_batch_size(config, device):
     where a pass of 16 views leaves most of it idle. Memory and float rounding only (batch 1 and 16
     differ by up to 2e-7)."""
     if device.type == 'cuda':
-        return getattr(config, 'extract_batch_size_cuda', config.extract_batch_size)
+        return config.extract_batch_size_cuda
     return config.extract_batch_size
 
 
