@@ -110,10 +110,11 @@ def read_entry(args, mode, seed):
     if not os.path.isfile(results_file):
         return None
     with open(results_file) as handle:
-        classes = json.load(handle)['classes']
-    if not classes or not classes[0].get('auroc'):
+        results = json.load(handle)
+    # a finished run is in 'classes'; a run stopped part way left its meta epochs so far in 'in_progress'
+    entry = results['classes'][0] if results.get('classes') else results.get('in_progress')
+    if not entry or not entry.get('auroc'):
         return None
-    entry = classes[0]
     if 'last_auroc' not in entry:  # a run stopped early: its curve so far, marked partial
         curve = entry['auroc']
         entry.update(last_auroc=curve[-1], max_auroc=max(curve), max_auroc_epoch=curve.index(max(curve)),  # 0-based, as the official observer

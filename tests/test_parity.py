@@ -9,7 +9,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
 
-from parity import verdict  # noqa: E402
+from parity import read_entry, verdict  # noqa: E402
 
 TINY = ['--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2', '--fc_internal', '32',
         '--n_transforms', '2', '--n_transforms_test', '2', '--batch_size', '4', '--pretrained', 'false',
@@ -57,3 +57,14 @@ def test_parity_names_a_failed_run_and_exits_non_zero(official_tree, tmp_path):
                      '--', *TINY], tmp_path)
     assert result.returncode == 1
     assert 'online seed 0: main.py exited' in result.stdout and 'online_seed0.log' in result.stdout
+
+
+def test_a_run_stopped_part_way_is_read_as_partial(tmp_path):
+    """main.py keeps the meta epochs of a running job under 'in_progress'; parity reads them, marked."""
+    folder = tmp_path / 'online_seed0'
+    folder.mkdir()
+    (folder / 'results.json').write_text(json.dumps({'classes': [], 'in_progress': {'auroc': [0.8, 0.9, 0.85]}}))
+    entry = read_entry(type('Args', (), {'out': str(tmp_path)}), 'online', 0)
+    assert entry['partial'] and entry['last_auroc'] == 0.85 and entry['max_auroc'] == 0.9
+    assert entry['max_auroc_epoch'] == 1  # counted from 0, as the official observer
+    assert read_entry(type('Args', (), {'out': str(tmp_path)}), 'online', 1) is None
