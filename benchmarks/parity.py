@@ -49,15 +49,20 @@ PAIRS = [('online_auto', 'online'), ('online_bf16', 'online'), ('online', 'offic
 NO_FILES = ['--save_checkpoint', 'false', '--resume_state', 'false']
 
 
+def seed_spread(values):
+    """The standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_std(values):
-    return f'{statistics.mean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}'
+    return f'{statistics.mean(values):.4f} +- {seed_spread(values):.4f}'
 
 
 def verdict(differences, baseline_values):
     """'none', '+' or '-': the direction the paired differences show beyond the seed-to-seed spread."""
     if len(differences) < 2:
         return 'n/a (1 seed)'
-    spread = statistics.stdev(baseline_values)
+    spread = seed_spread(baseline_values)
     mean = statistics.mean(differences)
     same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
     if same_sign and abs(mean) > spread:
@@ -163,9 +168,8 @@ def report(args, entries):
         for key in ('max_auroc', 'last_auroc'):
             differences = [entries[(faster, s)][key] - entries[(baseline, s)][key] for s in seeds]
             base = [entries[(baseline, s)][key] for s in seeds]
-            spread = statistics.stdev(base) if len(base) > 1 else 0.0
             cells.append(f'{" ".join(f"{d:+.4f}" for d in differences)} (mean {statistics.mean(differences):+.4f}, '
-                         f'spread {spread:.4f}): {verdict(differences, base)}')
+                         f'spread {seed_spread(base):.4f}): {verdict(differences, base)}')
         pair_lines.append(f'| {faster} - {baseline} | {len(seeds)} | {cells[0]} | {cells[1]} |')
     if pair_lines:
         lines += ['', 'Paired differences (same seed); direction beyond the seed-to-seed spread ("none" passes the rule)',
