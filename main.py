@@ -423,6 +423,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
         os.makedirs(os.path.join(results_dir, 'resume'), exist_ok=True)
         state_path = os.path.join(results_dir, 'resume', f'{class_name}_seed{seed}.pt')
     entry = message = None
+    out_of_memory = False
     try:
         entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
         if entry['status'] != 'done':
@@ -434,12 +435,18 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
         elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
             message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
             print(f'error: {message}', flush=True)
+            out_of_memory = True
         elif catch_all:
             traceback.print_exc()
             message = f'{type(error).__name__}: {error}'
             print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
         else:
             raise
+    if out_of_memory and str(device).startswith('cuda'):
+        import torch
+        # the failed job's tensors are freed once the exception is gone; hand their cached blocks back so
+        # the next job of a sweep (or another process on this GPU) can have them
+        torch.cuda.empty_cache()
     record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
     if state_path:
         if os.path.isfile(state_path):

@@ -268,3 +268,31 @@ def test_a_restarted_attempt_continues_its_results_dir(official_tree, tmp_path, 
     assert again['results_dir'] == str(out) and [job['seed'] for job in again['jobs']] == [0]
     assert earlier['config']['results_dir'] == str(out)
     assert 'continuing' in capsys.readouterr().out
+
+
+def test_more_processes_than_gpus_share_them_round_robin(monkeypatch, capsys):
+    import utils
+    monkeypatch.setattr(utils, 'resolve_device', lambda name: torch.device('cuda'))
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    devices = [sweep.rank_device(tiny_config(), sweep.Launch(rank, 5, rank, 5, 0)) for rank in range(5)]
+    assert devices == [torch.device('cuda', gpu) for gpu in (0, 1, 0, 1, 0)]
+    assert chosen == [0, 1, 0, 1, 0]
+    assert capsys.readouterr().out.count('5 processes share 2 GPU(s) on this machine (up to 3 per GPU)') == 1
+
+
+def test_out_of_memory_on_a_gpu_hands_the_cached_memory_back(monkeypatch, tmp_path, capsys):
+    import main as main_module
+
+    def out_of_memory(*args):
+        raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(main_module, 'run_class', out_of_memory)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: emptied.append(True))
+    recorded = []
+    for device in ('cuda:1', 'cpu'):
+        main_module.run_job(tiny_config(), 'widget', 0, device, str(tmp_path), lambda *both: recorded.append(both))
+    assert emptied == [True]  # the GPU job only
+    assert [failure['error'].startswith('out of memory on ') for entry, failure in recorded] == [True, True]
+    assert 'lower batch_size' in capsys.readouterr().out
