@@ -17,7 +17,8 @@ The reference columns (results.md, results.csv, report.html) are a small set on 
 Differences use our max, not our last AUROC: the paper does not say which meta epoch it reports, and of the
 reproduction's two columns its max is the one near the paper (means 0.9409 max and 0.9246 last against the
 paper's 0.9469), so max against max is the like-for-like reading. A class with another name gets empty
-reference cells. The mean row averages each column over the classes that have a value in it (a difference
+reference cells, and so does an MVTec class whose image counts are not the official split's (a subset or a
+re-split; a note under the table says so). The mean row averages each column over the classes that have a value in it (a difference
 over the classes that have both sides) and says how many when that is fewer than the classes that ran.
 """
 import base64
@@ -63,6 +64,14 @@ REFERENCE_AUROC = {
     '01': (None, None, 0.9903),  # BTAD: the paper has no BTAD results
     '02': (None, None, 0.8298),
     '03': (None, None, 0.9870),
+}
+# MVTec AD's official split, class: (training images, test images). The references were measured on it; a run
+# with other counts (a subset, a re-split) gets no reference cells, and a note says why.
+OFFICIAL_SPLIT = {
+    'bottle': (209, 83), 'cable': (224, 150), 'capsule': (219, 132), 'carpet': (280, 117), 'grid': (264, 78),
+    'hazelnut': (391, 110), 'leather': (245, 124), 'metal_nut': (220, 115), 'pill': (267, 167),
+    'screw': (320, 160), 'tile': (230, 117), 'toothbrush': (60, 42), 'transistor': (213, 100),
+    'wood': (247, 79), 'zipper': (240, 151),
 }
 PAPER_PRINTED_MEAN = 94.9  # the mean the paper prints under Table 1
 PAPER_COMPUTED_MEAN = float(np.mean([paper for paper, _, _ in REFERENCE_AUROC.values() if paper is not None]))
@@ -141,6 +150,33 @@ def reference_auroc(class_name):
     return {'paper': as_float(paper) / 100, 'reproduction_last': as_float(last), 'reproduction_max': as_float(best)}
 
 
+def split_mismatch(class_name, class_runs):
+    """Why the runs of `class_name` are not compared with the references, or '': their training (validation
+    images included) and test image counts differ from MVTec AD's official split. Runs that record no counts
+    are compared."""
+    official = OFFICIAL_SPLIT.get(class_name)
+    for run in class_runs:
+        if official is None or 'n_train_images' not in run or 'n_test_images' not in run:
+            continue
+        counts = (run['n_train_images'] + run.get('n_validation_images', 0), run['n_test_images'])
+        if counts != official:
+            return (f"{class_name}: {counts[0]} training and {counts[1]} test images, not MVTec AD's official split "
+                    f'({official[0]} and {official[1]}): not compared with the paper or the reproduction, whose '
+                    'numbers are for that split')
+    return ''
+
+
+def class_references(class_name, class_runs):
+    """reference_auroc of the class, or all nan when its runs used another split (split_mismatch)."""
+    if split_mismatch(class_name, class_runs):
+        return {key: float('nan') for key in reference_auroc(class_name)}
+    return reference_auroc(class_name)
+
+
+def split_notes(runs):
+    return [note for name, class_runs in runs_by_class(runs).items() if (note := split_mismatch(name, class_runs))]
+
+
 def runs_by_class(runs):
     by_class = {}
     for run in runs:
@@ -156,7 +192,7 @@ def reference_records(runs):
         record = {'class_name': class_name,
                   'last': mean_or_nan([as_float(r['last_auroc']) for r in class_runs]),
                   'max': mean_or_nan([as_float(r['max_auroc']) for r in class_runs])}
-        record.update(reference_auroc(class_name))
+        record.update(class_references(class_name, class_runs))
         record['max_minus_paper'] = record['max'] - record['paper']
         record['max_minus_reproduction'] = record['max'] - record['reproduction_max']
         records.append(record)
@@ -164,7 +200,8 @@ def reference_records(runs):
 
 
 def has_references(runs):
-    return any(name in REFERENCE_AUROC for name in runs_by_class(runs))
+    return any(name in REFERENCE_AUROC and not split_mismatch(name, class_runs)
+               for name, class_runs in runs_by_class(runs).items())
 
 
 def reference_cell(value, key, mean=False):
@@ -222,6 +259,9 @@ def results_markdown(results, deviations):
     if any(r.get('pixel_auroc') is not None for r in results['classes']):
         header.append('Pixel AUROC, last epoch (ours: not reported by the paper)')
     parts = ['## Image-level AUROC', '', markdown_table(header, summary_rows(results['classes']))]
+    notes = split_notes(results['classes'])
+    if notes:
+        parts += [''] + [f'- {note}' for note in notes]
     if results.get('failed'):
         parts += ['', 'Failed:'] + [f"- {f['class_name']}" + (f" (seed {f['seed']})" if f['seed'] is not None else '')
                                     + f": {f['error']}" for f in results['failed']]
@@ -358,7 +398,7 @@ def write_paper_comparison_plot(results_dir, runs):
         spreads = [float(np.std([x for x in v if not math.isnan(x)], ddof=1))
                    if sum(not math.isnan(x) for x in v) > 1 else 0.0 for v in values]
         axis.errorbar(positions + offset, means, yerr=spreads, fmt=marker, capsize=3, label=label)
-    references = [reference_auroc(name) for name in by_class]
+    references = [class_references(name, class_runs) for name, class_runs in by_class.items()]
     axis.scatter(positions, [r['paper'] for r in references], marker='_', s=500, linewidths=2.5, color='black',
                  label='paper (Table 1)', zorder=3)
     axis.scatter(positions, [r['reproduction_max'] for r in references], marker='x', s=40, color='tab:red',
@@ -568,9 +608,9 @@ def report_html(results_dir, results, deviations):
              f'{datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}; {len(runs)} run(s) finished'
              + (', one in progress' if results.get('in_progress') else '') + '.</p>']
     parts += ['<h2>Image-level AUROC</h2>', results_table_html(results) if runs else '<p>No class finished yet.</p>']
-    if has_references(runs):
-        parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(note)}</li>' for note in reference_notes())
-                     + '</ul>')
+    notes = (reference_notes() if has_references(runs) else []) + split_notes(runs)
+    if notes:
+        parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(note)}</li>' for note in notes) + '</ul>')
     for failure in results.get('failed') or []:
         seed = f" (seed {failure['seed']})" if failure.get('seed') is not None else ''
         parts.append(f'<p class="warn">Failed: {html.escape(failure["class_name"] + seed)}: '

@@ -27,6 +27,15 @@ def require_data(relative_path):
     return path
 
 
+NO_CUDA = 'needs a CUDA device (benchmarks/gpu_check.py runs these there)'
+
+
+def cuda(test):
+    """Marks a test `cuda` (pytest -m cuda selects them) and skips it, with the reason, without CUDA."""
+    import torch
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)(test))
+
+
 def tiny_config(**overrides):
     """A configuration small enough for a CPU test: 1 scale of 64 px, a 2-block flow of width 32."""
     values = dict(img_size=64, n_scales=1, n_coupling_blocks=2, fc_internal=32, meta_epochs=1,

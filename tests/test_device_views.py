@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import train
-from conftest import DATA_DIR, REPO_ROOT, tiny_config
+from conftest import DATA_DIR, REPO_ROOT, cuda, tiny_config
 from model import DifferNet
 from train import (extract_view_features, fixed_view_features, loss_values, make_loader,
                    train_class)
@@ -21,12 +21,6 @@ from utils import (MultiViewDataset, find_class_samples, generate_demo_dataset, 
                    resolve_view_backend, rotate_nearest)
 
 CPU = torch.device('cpu')
-NO_CUDA = 'needs a CUDA device (benchmarks/gpu_check.py runs these there)'
-
-
-def cuda(test):
-    """Marks a test `cuda` (pytest -m cuda selects them) and skips it, with the reason, without CUDA."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)(test))
 BOTTLE = os.path.join(DATA_DIR, 'mvtec', 'bottle')
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import report
 from main import main
 from report import PAPER_COMPUTED_MEAN, REFERENCE_AUROC, comparison_rows, results_csv, results_markdown, \
     write_results_files
@@ -88,8 +89,10 @@ def bottle_and_widget_run(tmp_path_factory):
     write_image(str(root / 'widget' / 'ground_truth' / 'scratch' / '000_mask.png'), 255, mode='L')
     shutil.copytree(root / 'widget', root / 'bottle')
     out = root.parent / 'out'
-    code = main(['--dataset_path', str(root), '--class_name', 'bottle,widget', '--results_dir', str(out),
-                 '--grad_map_viz', 'true', *TINY])
+    with pytest.MonkeyPatch.context() as patch:  # the tiny 'bottle' stands in for the real one's split
+        patch.setitem(report.OFFICIAL_SPLIT, 'bottle', (3, 5))
+        code = main(['--dataset_path', str(root), '--class_name', 'bottle,widget', '--results_dir', str(out),
+                     '--grad_map_viz', 'true', *TINY])
     assert code == 0
     return out
 
@@ -172,6 +175,26 @@ def test_no_reference_table_for_unknown_classes_only_but_csv_columns_stay(tmp_pa
     write_results_files(str(tmp_path), results, [])  # no scores yet: tables and the page, no plots
     header, rows = results_table(parse_report(tmp_path / 'report.html'))
     assert 'Paper (Table 1)' not in header and [row[0] for _, row in rows] == ['widget']
+
+
+def test_a_class_on_another_split_is_not_compared_and_says_why(tmp_path):
+    resplit = dict(synthetic_run('screw', 0, 0.95, 0.93), n_train_images=200, n_test_images=100,
+                   n_validation_images=0)
+    official = dict(synthetic_run('bottle', 0, 0.99, 0.98), n_train_images=189, n_validation_images=20,
+                    n_test_images=83)  # 20 held out for the threshold: still the official split
+    why = "screw: 200 training and 100 test images, not MVTec AD's official split (320 and 160)"
+    rows = {row[0]: row for row in comparison_rows([resplit, official])}
+    assert rows['screw'][3:] == [''] * 5
+    assert rows['bottle'][3:5] == ['0.990', '+0.0000']
+    assert rows['mean'][3] == '0.9900 (n=1)'
+    results = {'classes': [resplit], 'seeds': [0], 'failed': [], 'config': {}}
+    markdown = results_markdown(results, [])
+    assert why in markdown and 'Against the paper' not in markdown
+    assert results_csv(results).splitlines()[1].endswith(',,,,,')
+    write_results_files(str(tmp_path), results, [])
+    page = parse_report(tmp_path / 'report.html')
+    assert why in ''.join(page.text)
+    assert 'Paper (Table 1)' not in results_table(page)[0]
 
 
 def test_page_of_a_run_in_progress_with_a_failure_and_a_damaged_plot(tmp_path):

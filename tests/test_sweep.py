@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import sweep
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, cuda, tiny_config
 from freia_funcs import DifferNetFlow
 from main import main
 from model import DifferNet, save_checkpoint
@@ -40,9 +40,9 @@ def write_classes(root, train_counts):
                 Image.fromarray(pixels).save(root / class_name / folder / f'{i:03d}.png')
 
 
-def torchrun(*args):
+def torchrun(*args, processes=2):
     """The launcher as a user starts it: two processes on this machine, a free port of its own choosing."""
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes),
             os.path.join(REPO_ROOT, 'main.py'), *args]
 
 
@@ -296,3 +296,21 @@ def test_out_of_memory_on_a_gpu_hands_the_cached_memory_back(monkeypatch, tmp_pa
     assert emptied == [True]  # the GPU job only
     assert [failure['error'].startswith('out of memory on ') for entry, failure in recorded] == [True, True]
     assert 'lower batch_size' in capsys.readouterr().out
+
+
+@cuda
+def test_cuda_sweep_with_more_processes_than_gpus(tmp_path):
+    """The real launcher on the real GPUs, one process more than there are: every job runs, one table."""
+    data = tmp_path / 'data'
+    write_classes(data, {'alpha': 5, 'beta': 3, 'gamma': 4})
+    n_gpus = torch.cuda.device_count()
+    tiny_on_cuda = [value if value != 'cpu' else 'cuda' for value in TINY]
+    launch = subprocess.run(torchrun('--dataset_path', str(data), '--class_name', 'all', *tiny_on_cuda,
+                                     '--results_dir', str(tmp_path / 'out'), processes=n_gpus + 1),
+                            capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert launch.returncode == 0, launch.stdout + launch.stderr
+    assert f'{n_gpus + 1} processes share {n_gpus} GPU(s)' in launch.stdout
+    assert 'starts on cuda:' in launch.stdout and 'starts on cpu' not in launch.stdout
+    merged = read_results(tmp_path / 'out')
+    assert sorted(entry['class_name'] for entry in merged['classes']) == ['alpha', 'beta', 'gamma']
+    assert not merged['failed']
