@@ -51,9 +51,10 @@ def make_loader(dataset, batch_size, shuffle, config, num_workers=None, device=N
     tensor backend loads in the main process: its items are a few random numbers, the views are made
     on the device from the kept images."""
     num_workers = config.num_workers if num_workers is None else num_workers
-    if getattr(dataset, 'backend', 'pil') == 'tensor':
+    makes_views_on_device = getattr(dataset, 'backend', 'pil') == 'tensor'  # tests pass plain datasets
+    if makes_views_on_device:
         num_workers = 0
-    pin_memory = device is not None and device.type == 'cuda' and getattr(dataset, 'backend', 'pil') == 'pil'
+    pin_memory = device is not None and device.type == 'cuda' and not makes_views_on_device
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
 
