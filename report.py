@@ -18,8 +18,9 @@ Differences use our max, not our last AUROC: the paper does not say which meta e
 reproduction's two columns its max is the one near the paper (means 0.9409 max and 0.9246 last against the
 paper's 0.9469), so max against max is the like-for-like reading. A class with another name gets empty
 reference cells, and so does an MVTec class whose image counts are not the official split's (a subset or a
-re-split; a note under the table says so). The mean row averages each column over the classes that have a value in it (a difference
-over the classes that have both sides) and says how many when that is fewer than the classes that ran.
+re-split; a note under the table says so). The mean row averages each column over the classes that have a
+value in it (a difference over the classes that have both sides) and says how many when that is fewer than the
+classes that ran.
 """
 import base64
 import csv
