@@ -2,13 +2,14 @@
 
     torchrun --nproc_per_node 8 main.py --dataset_path D --class_name all --seeds 0,1,2
 
-torchrun starts one process per GPU (or, without GPUs, per share of the CPU threads); the (class, seed)
-jobs of the run are handed out one at a time through the launcher's own key-value store, largest first,
-so a process that finishes early takes the next job instead of idling behind a fixed split. Each finished
-job is written whole to <results_dir>/jobs/<class>_seed<seed>.json (failures too, with their error);
-rank 0 merges them into results.json/md/csv and the plots when every process is done. `--resume DIR`
-with the same command runs only the jobs that are missing or failed. A plain `python main.py` (or a
-torchrun of one process) does not come here: main.run() does the jobs one after another as before.
+torchrun starts one process per GPU, or several sharing each GPU (more processes than GPUs), or without GPUs
+one per share of the CPU threads; the (class, seed) jobs of the run are handed out one at a time through the
+launcher's own key-value store, largest first, so a process that finishes early takes the next job instead
+of idling behind a fixed split. Each finished job is written whole to
+<results_dir>/jobs/<class>_seed<seed>.json (failures too, with their error); rank 0 merges them into
+results.json/md/csv and the plots when every process is done. `--resume DIR` with the same command runs only
+the jobs that are missing or failed. A plain `python main.py` (or a torchrun of one process) does not come
+here: main.run() does the jobs one after another as before.
 """
 import datetime
 import json
