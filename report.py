@@ -66,8 +66,9 @@ REFERENCE_AUROC = {
     '02': (None, None, 0.8298),
     '03': (None, None, 0.9870),
 }
-# MVTec AD's official split, class: (training images, test images). The references were measured on it; a run
-# with other counts (a subset, a re-split) gets no reference cells, and a note says why.
+# MVTec AD's official split, class: (training images, test images); totals 3,629 and 1,725, as the dataset's
+# paper gives. The references were measured on it; a run with other counts (a subset, a re-split) gets no
+# reference cells, and a note says why.
 OFFICIAL_SPLIT = {
     'bottle': (209, 83), 'cable': (224, 150), 'capsule': (219, 132), 'carpet': (280, 117), 'grid': (264, 78),
     'hazelnut': (391, 110), 'leather': (245, 124), 'metal_nut': (220, 115), 'pill': (267, 167),
