@@ -157,8 +157,10 @@ def split_mismatch(class_name, class_runs):
     images included) and test image counts differ from MVTec AD's official split. Runs that record no counts
     are compared."""
     official = OFFICIAL_SPLIT.get(class_name)
+    if official is None:
+        return ''
     for run in class_runs:
-        if official is None or 'n_train_images' not in run or 'n_test_images' not in run:
+        if 'n_train_images' not in run or 'n_test_images' not in run:
             continue
         counts = (run['n_train_images'] + run.get('n_validation_images', 0), run['n_test_images'])
         if counts != official:

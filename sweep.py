@@ -170,7 +170,8 @@ def available_cpus():
 def rank_device(config, launch):
     """This process's device: with CUDA, GPU LOCAL_RANK modulo the GPU count (more processes than GPUs share
     them round robin: on an H200 nine 8 x 8 runs at once took about 15 s of GPU time each, where a lone one
-    takes about 27 s, docs/gpu.md); else the CPU with its share of the threads."""
+    would take about 27 s, a third of the timed full run; docs/gpu.md); else the CPU with its share of the
+    threads."""
     import torch
     from utils import resolve_device
     device = resolve_device(config.device)
