@@ -170,11 +170,13 @@ def available_cpus():
 def rank_device(config, launch):
     """This process's device: with CUDA, GPU LOCAL_RANK modulo the GPU count (more processes than GPUs share
     them round robin: on an H200 nine 8 x 8 runs at once took about 15 s of GPU time each, where a lone one
-    would take about 27 s, a third of the timed full run; docs/gpu.md); else the CPU with its share of the
-    threads."""
+    would take about 27 s, a third of the timed full run; docs/gpu.md); else the CPU. Either way the process
+    takes its share of the CPU threads: image decoding and the views of a GPU job still run there, and
+    torch's default (every core in every process) oversubscribes the CPU once several processes share it."""
     import torch
     from utils import resolve_device
     device = resolve_device(config.device)
+    torch.set_num_threads(max(1, available_cpus() // launch.local_world_size))
     if device.type == 'cuda':
         n_gpus = torch.cuda.device_count()
         gpu = launch.local_rank % n_gpus
@@ -184,7 +186,6 @@ def rank_device(config, launch):
                   '(nine 8 x 8 runs on an H200: 48 GB together)', flush=True)
         torch.cuda.set_device(gpu)
         return torch.device('cuda', gpu)
-    torch.set_num_threads(max(1, available_cpus() // launch.local_world_size))
     return device
 
 

@@ -276,9 +276,13 @@ def test_more_processes_than_gpus_share_them_round_robin(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     chosen = []
     monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    monkeypatch.setattr(sweep, 'available_cpus', lambda: 16)
+    threads = []
+    monkeypatch.setattr(torch, 'set_num_threads', threads.append)
     devices = [sweep.rank_device(tiny_config(), sweep.Launch(rank, 5, rank, 5, 0)) for rank in range(5)]
     assert devices == [torch.device('cuda', gpu) for gpu in (0, 1, 0, 1, 0)]
     assert chosen == [0, 1, 0, 1, 0]
+    assert threads == [3] * 5  # 16 cores shared by 5 processes, GPU or not
     assert capsys.readouterr().out.count('5 processes share 2 GPU(s) on this machine (up to 3 per GPU)') == 1
 
 
