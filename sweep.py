@@ -171,8 +171,9 @@ def rank_device(config, launch):
     """This process's device: with CUDA, GPU LOCAL_RANK modulo the GPU count (more processes than GPUs share
     them round robin: on an H200 nine 8 x 8 runs at once took about 15 s of GPU time each, where a lone one
     would take about 27 s, a third of the timed full run; docs/gpu.md); else the CPU. Either way the process
-    takes its share of the CPU threads: image decoding and the views of a GPU job still run there, and
-    torch's default (every core in every process) oversubscribes the CPU once several processes share it."""
+    takes its share of the CPU threads: a GPU job still decodes its images there (and makes its views there
+    with view_backend 'pil'), and torch's default, every core in every process, oversubscribes the CPU once
+    several processes share it."""
     import torch
     from utils import resolve_device
     device = resolve_device(config.device)
