@@ -49,7 +49,7 @@ train_feature_pool = 0  # K > 0: extract K random views per training image once,
 cache_test_features = True  # deviation: draw the test views once per class (from the seed) and reuse them every meta epoch (no AUROC direction, measured)
 feature_cache = True  # keep extracted pool/test features on disk, keyed by files, settings, seed and weights
 feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
-view_backend = 'auto'  # 'pil' (official: views made one by one on PIL images), 'tensor' (images kept as uint8 tensors, views made in batches on the device, same pixels), 'auto': tensor (faster on CUDA and CPU)
+view_backend = 'auto'  # 'pil' (official: views made one by one on PIL images), 'tensor' (images kept as uint8 tensors, views made in batches on the device, same pixels), 'auto': tensor on CUDA, pil on a CPU (the faster on each)
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
 bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers; not a default by the parity rule); 'auto': bf16 where faster (CUDA, AMX CPUs)
 

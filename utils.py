@@ -330,7 +330,7 @@ def fixed_angles(n_views):
 
 
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
-CPU_VIEW_BACKEND = 'tensor'  # what 'auto' means on a CPU: the faster one in benchmarks/views.py (docs/gpu.md)
+CPU_VIEW_BACKEND = 'pil'  # what 'auto' means on a CPU: the faster one on the idle CPU in benchmarks/views.py (docs/gpu.md)
 ROTATION_CHUNK = 32  # views rotated at a time: their coordinates take ~40 MB at 448 px
 DEVICE_IMAGE_SHARE = 0.25  # kept images go onto the GPU when they take less than this share of its free memory
 
