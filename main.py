@@ -130,7 +130,7 @@ POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal',
 
 def validate_config(config):
     """Raises UserError for values that cannot work, naming the value and the fix."""
-    from utils import UserError
+    from utils import VIEW_BACKENDS, UserError
     for name in POSITIVE_INTEGERS:
         if getattr(config, name) < 1:
             raise UserError(f'{name} = {getattr(config, name)} must be at least 1')
@@ -146,7 +146,7 @@ def validate_config(config):
     if not 0 <= config.val_fraction < 1:
         raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
     validate_threshold_fpr(config)
-    if config.view_backend not in ('auto', 'pil', 'tensor'):
+    if config.view_backend not in VIEW_BACKENDS:
         raise UserError(f"view_backend = '{config.view_backend}' must be auto, pil or tensor")
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
