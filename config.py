@@ -41,7 +41,7 @@ n_transforms = 4  # random views of each training image per epoch
 n_transforms_test = 64  # random views of each test image; its score is the mean z^2 over them
 batch_size = 24  # training images per step (each with n_transforms views: 96 feature vectors)
 batch_size_test = 1  # test images per flow pass (official: batch_size * n_transforms // n_transforms_test)
-extract_batch_size = 16  # views per AlexNet pass; memory and float rounding only (batch 1 vs 16: up to 2e-7)
+extract_batch_size = 16  # views per AlexNet pass; memory and float rounding only
 extract_batch_size_cuda = 256  # views per AlexNet pass on a CUDA device (16 leaves a GPU mostly idle); memory only
 
 # --- speed (docs/performance.md and docs/faithfulness.md: each measured against the official behaviour) ---
@@ -54,7 +54,7 @@ channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float r
 bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers; not a default by the parity rule); 'auto': bf16 where faster (CUDA, AMX CPUs)
 
 # --- checkpoints, scoring, gradient maps ---
-save_checkpoint = True  # write <class>_checkpoint.pt and its reference scores at the end of each job (690 MB at paper size); False for sweeps
+save_checkpoint = True  # write <class>_checkpoint.pt and its reference scores at the end of each job (the start-of-run disk line says its size); False for sweeps
 save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (independent of save_checkpoint)
 val_fraction = 0.0  # share of train/good kept out of training (seeded) to set the --score threshold; 0 uses the training images
 max_reference_images = 32  # training images scored at fixed rotations for the checkpoint's score statistics (0 = all)
@@ -68,5 +68,5 @@ device = 'auto'  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'
 num_workers = 0  # DataLoader worker processes decoding and augmenting images
 verbose = True  # print the loss of every sub epoch and the AUROC of every meta epoch
 hide_tqdm_bar = True  # hide progress bars (official default)
-resume_state = True  # write the state --resume needs after a meta epoch (about 2 GB for the paper's flow)
+resume_state = True  # write the state --resume needs after a meta epoch (the flow and Adam's moments: the disk line says its size)
 resume_interval_s = 120  # write the resume state only when this many seconds passed since the last write (0: every meta epoch)

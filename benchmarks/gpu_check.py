@@ -27,10 +27,14 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from main import build_config, run  # noqa: E402
+from atomic_files import read_json  # noqa: E402
+from demo_data import DEMO_CLASS, generate_demo_dataset  # noqa: E402
+from features import batch_views, extract_view_features, make_loader, prepare_extractor  # noqa: E402
+from jobs import run  # noqa: E402
 from model import DifferNet  # noqa: E402
-from train import batch_views, extract_view_features, flow_step, make_loader, make_optimizer, prepare_extractor  # noqa: E402
-from utils import DEMO_CLASS, MultiViewDataset, find_class_samples, generate_demo_dataset, read_json  # noqa: E402
+from settings import build_config  # noqa: E402
+from train import flow_step, make_optimizer  # noqa: E402
+from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
 QUICK = dict(img_size=64, n_scales=1, n_coupling_blocks=2, fc_internal=32, meta_epochs=2, sub_epochs=1,
              n_transforms_test=4, pretrained=False, extract_batch_size_cuda=64)
@@ -98,7 +102,7 @@ def view_making_rates(config, samples, device, repeats):
     rates = {}
     for backend in ('tensor', 'pil'):
         dataset = MultiViewDataset(samples, config.n_transforms, config, keep_images=True, backend=backend)
-        loader = make_loader(dataset, config.batch_size, True, config, 0, device)
+        loader = make_loader(dataset, config.batch_size, True, config, device)
 
         def one_pass():
             for batch, _ in loader:

@@ -27,12 +27,14 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from localization import (BLUR_SIGMA, BLUR_TRUNCATE, aupro_exact, combine_views, gaussian_blur,  # noqa: E402
-                          input_gradients, load_mask, pixel_auroc_exact, pixel_metrics, rotate_back)
-from main import build_config, scoring_settings  # noqa: E402
+from features import TEST_VIEW_SEED_OFFSET  # noqa: E402
+from localization import BLUR_SIGMA, BLUR_TRUNCATE, combine_views, gaussian_blur, input_gradients, rotate_back  # noqa: E402
+from metrics import pixel_metrics  # noqa: E402
 from model import load_checkpoint  # noqa: E402
-from train import TEST_VIEW_SEED_OFFSET, prepare_model  # noqa: E402
-from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles  # noqa: E402
+from scoring import prepare_model, scoring_settings  # noqa: E402
+from settings import build_config  # noqa: E402
+from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
+from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles, load_mask  # noqa: E402
 
 
 def previous_map(gradients, angles):

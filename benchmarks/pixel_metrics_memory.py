@@ -29,7 +29,9 @@ from PIL import Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from localization import aupro_exact, pixel_auroc_exact, pixel_metrics  # noqa: E402
+from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
+
+from metrics import pixel_metrics  # noqa: E402
 
 
 def peak_rss_mib():

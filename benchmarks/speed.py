@@ -25,11 +25,13 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from main import build_config  # noqa: E402
-from model import DifferNet, load_imagenet_alexnet_features  # noqa: E402
+from alexnet_weights import load_imagenet_alexnet_features  # noqa: E402
+from features import (autocast, batch_views, extract_view_features, loader_features, make_loader,  # noqa: E402
+                      prepare_extractor, view_backend)
 from freia_funcs import nll_loss  # noqa: E402
-from train import (autocast, batch_views, extract_view_features, flow_step, iterate_features, make_loader,  # noqa: E402
-                   make_optimizer, prepare_extractor, score_features, view_backend)
+from model import DifferNet  # noqa: E402
+from settings import build_config  # noqa: E402
+from train import flow_step, make_optimizer, score_features  # noqa: E402
 from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
 MODES = {
@@ -107,10 +109,10 @@ def bench_online_sub_epochs(state, dataset_path, class_name, bf16, num_workers, 
     optimizer = make_optimizer(model.nf, config)
     train, _ = find_class_samples(dataset_path, class_name)
     loader = make_loader(MultiViewDataset(train, config.n_transforms, config, keep_images=True),
-                         config.batch_size, True, config)
+                         config.batch_size, True, config, torch.device('cpu'))
     for sub_epoch in range(n_sub_epochs):
         start = time.perf_counter()
-        for features, _ in iterate_features(model, loader, torch.device('cpu'), config):
+        for features, _ in loader_features(model, loader, torch.device('cpu'), config):
             flow_step(model, optimizer, features.reshape(-1, features.shape[-1]), config)
         print(f'on-line sub epoch {sub_epoch} ({"bf16" if bf16 else "fp32"}, num_workers {num_workers}, '
               f'{len(train)} {class_name} images x {config.n_transforms} views): '

@@ -19,8 +19,8 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from main import build_config  # noqa: E402
-from train import batch_views, make_loader  # noqa: E402
+from features import batch_views, make_loader  # noqa: E402
+from settings import build_config  # noqa: E402
 from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def synchronize(device):
 
 def views_per_second(samples, n_views, images_per_batch, backend, config, device, repeats):
     dataset = MultiViewDataset(samples, n_views, config, keep_images=True, backend=backend)
-    loader = make_loader(dataset, images_per_batch, True, config, 0, device)
+    loader = make_loader(dataset, images_per_batch, True, config, device)
 
     def one_pass():
         for batch, _ in loader:

@@ -8,8 +8,9 @@ import pytest
 
 import config
 from conftest import REPO_ROOT
-from main import build_config, config_comments, config_defaults, parse_command_line
-from utils import UserError
+from errors import UserError
+from main import parse_command_line
+from settings import build_config, config_comments
 
 
 def run_main(*args, cwd=REPO_ROOT):
@@ -32,13 +33,6 @@ def test_overrides_are_typed():
     assert cfg.class_name == 'bottle' and cfg.meta_epochs == 2 and cfg.lr_init == 1e-3
     assert cfg.pretrained is False and cfg.adam_betas == (0.9, 0.99) and cfg.dataset_path == 'x'
     assert cfg.sub_epochs == config.sub_epochs
-
-
-def test_paper_defaults():
-    d = config_defaults()
-    assert (d['img_size'], d['n_scales'], d['n_coupling_blocks'], d['clamp_alpha'], d['fc_internal']) == (448, 3, 8, 3.0, 2048)
-    assert (d['dropout'], d['lr_init'], d['adam_betas'], d['adam_eps'], d['weight_decay']) == (0.0, 2e-4, (0.8, 0.8), 1e-4, 1e-5)
-    assert (d['meta_epochs'], d['sub_epochs'], d['n_transforms'], d['n_transforms_test'], d['batch_size']) == (24, 8, 4, 64, 24)
 
 
 def test_unknown_name_refused():

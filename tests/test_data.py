@@ -4,11 +4,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from official_views import view_transform
 from PIL import Image
 
 from conftest import tiny_config, write_image
-from utils import (MultiViewDataset, Sample, UserError, ensure_demo_dataset, scan_class,
-                   find_class_samples, fixed_angles, load_rgb, view_transform)
+from demo_data import ensure_demo_dataset
+from errors import UserError
+from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles, load_rgb, scan_class
 
 
 def test_labels_and_defect_types(official_tree):

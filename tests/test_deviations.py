@@ -1,9 +1,9 @@
 """Every number-changing setting is declared: compared with the paper's value, or listed with a reason."""
-from main import (NUMBER_NEUTRAL_SETTINGS, PAPER_VALUES, SETTINGS_WITHOUT_PAPER_VALUE, build_config, config_comments,
-                  deviations_from_paper)
+from paper_values import NUMBER_NEUTRAL_SETTINGS, PAPER_VALUES, SETTINGS_WITHOUT_PAPER_VALUE, deviations_from_paper
+from settings import build_config, config_comments
 
-GROUPS = {'main.PAPER_VALUES': PAPER_VALUES, 'main.NUMBER_NEUTRAL_SETTINGS': NUMBER_NEUTRAL_SETTINGS,
-          'main.SETTINGS_WITHOUT_PAPER_VALUE': SETTINGS_WITHOUT_PAPER_VALUE}
+GROUPS = {'paper_values.PAPER_VALUES': PAPER_VALUES, 'paper_values.NUMBER_NEUTRAL_SETTINGS': NUMBER_NEUTRAL_SETTINGS,
+          'paper_values.SETTINGS_WITHOUT_PAPER_VALUE': SETTINGS_WITHOUT_PAPER_VALUE}
 
 
 def test_every_setting_is_declared_exactly_once():

@@ -9,16 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from official_views import views_of
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-import train
+import features
 from conftest import DATA_DIR, REPO_ROOT, cuda, tiny_config
+from demo_data import generate_demo_dataset
+from errors import UserError
+from features import extract_view_features, fixed_view_features, make_loader
 from model import DifferNet
-from train import (extract_view_features, fixed_view_features, loss_values, make_loader,
-                   train_class)
-from utils import (MultiViewDataset, find_class_samples, generate_demo_dataset, pil_to_uint8,
-                   resolve_view_backend, rotate_nearest)
+from settings import validate_config
+from tensor_views import pil_to_uint8, rotate_nearest
+from train import loss_values, train_class
+from utils import MultiViewDataset, find_class_samples, resolve_view_backend
 
 CPU = torch.device('cpu')
 BOTTLE = os.path.join(DATA_DIR, 'mvtec', 'bottle')
@@ -39,8 +43,8 @@ def both_backends(samples, n_views, config, **options):
 def loader_views(dataset, device, shuffle, batch_size=2):
     """Every batch of views of a seeded loader pass, and the next number of the global stream after it."""
     torch.manual_seed(11)
-    batches = [train.batch_views(dataset, batch, device).cpu()
-               for batch, _ in make_loader(dataset, batch_size, shuffle, tiny_config(), 0, device)]
+    batches = [features.batch_views(dataset, batch, device).cpu()
+               for batch, _ in make_loader(dataset, batch_size, shuffle, tiny_config(), device)]
     return batches, torch.rand(1).item()
 
 
@@ -75,7 +79,7 @@ def test_view_seeded_and_fixed_rotation_views_equal_the_pil_ones(demo_root, fixe
     torch.manual_seed(1)  # the global stream must not matter with a view seed
     expected = torch.stack([pil[i][0] for i in range(len(pil))])
     torch.manual_seed(2)
-    got = torch.stack([tensor.views_of(i, CPU) for i in range(len(tensor))])
+    got = torch.stack([views_of(tensor, i, CPU) for i in range(len(tensor))])
     assert torch.equal(expected, got)
 
 
@@ -103,8 +107,8 @@ def test_auto_backend_and_refused_names():
     assert resolve_view_backend('auto', torch.device('cuda')) == 'tensor'
     assert resolve_view_backend('pil', torch.device('cuda')) == 'pil'
     assert resolve_view_backend('auto', CPU) in ('pil', 'tensor')
-    with pytest.raises(Exception, match='view_backend'):
-        resolve_view_backend('opencv', CPU)
+    with pytest.raises(UserError, match="view_backend = 'opencv' must be auto, pil or tensor"):
+        validate_config(tiny_config(view_backend='opencv'))
 
 
 def test_loss_values_reads_tensors_and_floats_in_order():
@@ -123,7 +127,7 @@ def test_resume_state_is_loaded_onto_the_cpu(official_tree, tmp_path, monkeypatc
     whole = train_class(DifferNet(config), train_samples, test_samples, config, CPU, log=lambda line: None,
                         resume_path=resume_path)
     locations, real_load = [], torch.load
-    monkeypatch.setattr(train.torch, 'load',
+    monkeypatch.setattr(torch, 'load',
                         lambda *args, **kwargs: locations.append(kwargs.get('map_location')) or real_load(*args, **kwargs))
     torch.manual_seed(0)
     resumed = train_class(DifferNet(config), train_samples, test_samples, config, CPU, log=lambda line: None,
@@ -148,7 +152,7 @@ def test_bottle_views_pixels_match_pil(bottle_images):
     config = build_bottle_config()
     pil, tensor = both_backends(bottle_images, 16, config, view_seed=9)
     expected = torch.stack([pil[i][0] for i in range(len(pil))])
-    got = torch.stack([tensor.views_of(i, CPU) for i in range(len(tensor))])
+    got = torch.stack([views_of(tensor, i, CPU) for i in range(len(tensor))])
     differing_pixels = (expected != got).any(dim=2).float().mean().item()
     assert differing_pixels <= 1e-4
     assert (expected - got).abs().max().item() <= 2.2  # at most one whole pixel swapped, in normalized units
@@ -156,19 +160,19 @@ def test_bottle_views_pixels_match_pil(bottle_images):
 
 def test_bottle_features_through_the_real_extractor_match_pil(bottle_images):
     """Measured: relative feature difference 0 (identical views). Bound 1e-4, room for another Pillow."""
-    from model import load_imagenet_alexnet_features
+    from alexnet_weights import load_imagenet_alexnet_features
     state, _ = load_imagenet_alexnet_features()
     config = build_bottle_config()
     model = DifferNet(config, state).eval()
     pil, tensor = both_backends(bottle_images[:4], 8, config, view_seed=9)
     expected = extract_view_features(model, torch.cat([pil[i][0] for i in range(len(pil))]), config)
-    got = extract_view_features(model, torch.cat([tensor.views_of(i, CPU) for i in range(len(tensor))]), config)
+    got = extract_view_features(model, torch.cat([views_of(tensor, i, CPU) for i in range(len(tensor))]), config)
     relative = ((expected - got).norm() / expected.norm()).item()
     assert relative <= 1e-4
 
 
 def build_bottle_config():
-    from main import build_config
+    from settings import build_config
     return build_config(device='cpu', verbose=False, channels_last=False)
 
 
@@ -240,14 +244,14 @@ def test_cuda_score_and_gradient_maps(official_tree, tmp_path):
 
 @cuda
 def test_cuda_out_of_memory_is_recognised():
-    from main import is_out_of_memory
+    from jobs import is_out_of_memory
     with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
         torch.empty(1 << 50, dtype=torch.uint8, device='cuda')
     assert is_out_of_memory(caught.value)
 
 
 def test_out_of_memory_error_type_is_recognised():
-    from main import is_out_of_memory
+    from jobs import is_out_of_memory
     assert is_out_of_memory(torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'))
 
 

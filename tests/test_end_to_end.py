@@ -4,8 +4,8 @@ import os
 
 import pytest
 
+from demo_data import generate_demo_dataset
 from main import main
-from utils import generate_demo_dataset
 
 SMALL = ['--img_size', '224', '--n_scales', '2', '--fc_internal', '512', '--meta_epochs', '2',
          '--sub_epochs', '8', '--n_transforms_test', '8', '--feature_cache', 'false']

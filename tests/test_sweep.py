@@ -14,12 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+import disk
+import jobs
+import launch
 import sweep
+from atomic_files import write_json_atomic
 from conftest import REPO_ROOT, cuda, tiny_config
 from freia_funcs import DifferNetFlow
 from main import main
 from model import DifferNet, save_checkpoint
-from utils import write_json_atomic
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2',
         '--fc_internal', '32', '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2',
@@ -68,8 +71,8 @@ def test_sweep_over_two_processes_equals_one_process_and_reports_a_failing_job(t
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     one = read_results(tmp_path / 'one')
-    estimate = sweep.checkpoint_bytes(tiny_config())
-    assert f'disk: {sweep.size_text(estimate)} per job for <class>_checkpoint.pt (4 jobs' in printed
+    estimate = disk.checkpoint_bytes(tiny_config())
+    assert f'disk: {disk.size_text(estimate)} per job for <class>_checkpoint.pt (4 jobs' in printed
     actual = (tmp_path / 'one' / 'alpha_checkpoint.pt').stat().st_size
     assert estimate <= actual <= estimate * 1.02 + 50_000
 
@@ -164,7 +167,7 @@ def test_one_process_resume_of_a_sweep_folder_keeps_its_finished_jobs(official_t
     out = tmp_path / 'sweep'  # as a sweep stopped after its first job leaves it
     out.mkdir()
     write_json_atomic(str(out / 'results.json'), {**read_results(tmp_path / 'one'), 'classes': []})
-    sweep.write_job_file(str(out), 'widget', 0, entry, None, rank=1)
+    jobs.write_job_file(str(out), 'widget', 0, entry, None, rank=1)
     capsys.readouterr()
     assert main(['--resume', str(out)]) == 0
     printed = capsys.readouterr().out
@@ -175,8 +178,8 @@ def test_one_process_resume_of_a_sweep_folder_keeps_its_finished_jobs(official_t
 def test_jobs_are_handed_out_largest_first(tmp_path):
     write_classes(tmp_path, {'small': 2, 'large': 6, 'medium': 4})
     config = tiny_config(dataset_path=str(tmp_path), seeds=(0, 1))
-    jobs = sweep.plan_jobs(config, ['large', 'medium', 'small'], {}, done={('medium', 1)})
-    assert [(job['class_name'], job['seed']) for job in jobs] == [('large', 0), ('large', 1), ('medium', 0),
+    planned = sweep.plan_jobs(config, ['large', 'medium', 'small'], {}, done={('medium', 1)})
+    assert [(job['class_name'], job['seed']) for job in planned] == [('large', 0), ('large', 1), ('medium', 0),
                                                                   ('small', 0), ('small', 1)]
 
 
@@ -197,10 +200,10 @@ def test_flow_parameters_counted_without_building_match_a_built_flow():
                                                                              fc_internal=20)]:
         config = tiny_config(**sizes)
         flow = DifferNetFlow(256 * config.n_scales, config.n_coupling_blocks, config.fc_internal)
-        assert sweep.flow_parameter_count(config) == sum(p.numel() for p in flow.parameters())
+        assert disk.flow_parameter_count(config) == sum(p.numel() for p in flow.parameters())
     # the paper's flow: 8 blocks of two subnets 384 -> 2048 -> 2048 -> 2048 -> 768
     subnet = 384 * 2048 + 2048 + 2 * (2048 * 2048 + 2048) + 2048 * 768 + 768
-    assert sweep.flow_parameter_count(tiny_config(n_scales=3, n_coupling_blocks=8, fc_internal=2048)) == 16 * subnet
+    assert disk.flow_parameter_count(tiny_config(n_scales=3, n_coupling_blocks=8, fc_internal=2048)) == 16 * subnet
 
 
 def test_resume_state_size_is_what_the_estimate_says(tmp_path):
@@ -211,16 +214,16 @@ def test_resume_state_size_is_what_the_estimate_says(tmp_path):
     train.flow_step(model, optimizer, torch.randn(8, model.n_features), config)  # Adam's moments exist now
     path = str(tmp_path / 'state.pt')
     train.save_resume_state(path, 0, model, optimizer, {'auroc': [0.5]}, [1.0], [1.0], 1.0)
-    estimate = sweep.resume_state_bytes(config)
+    estimate = disk.resume_state_bytes(config)
     assert estimate <= os.path.getsize(path) <= estimate * 1.05 + 50_000
     save_checkpoint(str(tmp_path / 'c.pt'), model, config, 'random', {}, {})
-    assert sweep.checkpoint_bytes(config) <= os.path.getsize(tmp_path / 'c.pt') <= sweep.checkpoint_bytes(config) * 1.02 + 50_000
+    assert disk.checkpoint_bytes(config) <= os.path.getsize(tmp_path / 'c.pt') <= disk.checkpoint_bytes(config) * 1.02 + 50_000
 
 
 def test_disk_line_names_what_is_off():
-    assert sweep.disk_text(tiny_config(save_checkpoint=False, resume_state=False), 3) == \
+    assert disk.disk_text(tiny_config(save_checkpoint=False, resume_state=False), 3) == \
         'disk: no checkpoints (save_checkpoint = False); no resume states (resume_state = False)'
-    paper = sweep.disk_text(tiny_config(n_scales=3, n_coupling_blocks=8, fc_internal=2048, pretrained=True,
+    paper = disk.disk_text(tiny_config(n_scales=3, n_coupling_blocks=8, fc_internal=2048, pretrained=True,
                                         save_best=True), 15, running_at_once=8)
     assert paper == ('disk: 1.38 GB per job for <class>_checkpoint.pt + <class>_best.pt (15 jobs: 20.6 GB); '
                      '2.06 GB per running job for its resume state (removed when the job ends, 8 at once: 16.5 GB)')
@@ -228,7 +231,7 @@ def test_disk_line_names_what_is_off():
 
 def test_rank_prefix_writes_whole_lines():
     target = io.StringIO()
-    stream = sweep.RankPrefixed(target, '[rank 1] ')
+    stream = launch.RankPrefixed(target, '[rank 1] ')
     stream.write('half ')
     assert target.getvalue() == ''
     stream.write('a line\nnext\n\nlast')
@@ -238,48 +241,47 @@ def test_rank_prefix_writes_whole_lines():
 
 
 def test_plain_runs_are_not_sweeps():
-    assert sweep.torchrun_launch({}) is None
-    assert sweep.torchrun_launch({'LOCAL_RANK': '0', 'RANK': '0', 'WORLD_SIZE': '1'}) is None  # torchrun of one
-    launch = sweep.torchrun_launch({'LOCAL_RANK': '1', 'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_WORLD_SIZE': '4'})
-    assert launch == sweep.Launch(rank=5, world_size=8, local_rank=1, local_world_size=4, restart=0)
+    assert launch.torchrun_launch({}) is None
+    assert launch.torchrun_launch({'LOCAL_RANK': '0', 'RANK': '0', 'WORLD_SIZE': '1'}) is None  # torchrun of one
+    started = launch.torchrun_launch({'LOCAL_RANK': '1', 'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_WORLD_SIZE': '4'})
+    assert started == launch.Launch(rank=5, world_size=8, local_rank=1, local_world_size=4, restart=0)
 
 
 def test_a_crashing_job_is_recorded_in_a_sweep_and_raises_in_a_plain_run(monkeypatch, tmp_path):
-    import main as main_module
 
     def crash(*args):
         raise ValueError('a bug')
-    monkeypatch.setattr(main_module, 'run_class', crash)
+    monkeypatch.setattr(jobs, 'run_class', crash)
     recorded = []
-    main_module.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: recorded.append(both),
-                        catch_all=True)
+    jobs.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: recorded.append(both),
+                 catch_all=True)
     assert recorded == [(None, {'class_name': 'widget', 'seed': 3, 'error': 'ValueError: a bug'})]
     with pytest.raises(ValueError):
-        main_module.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: None)
+        jobs.run_job(tiny_config(), 'widget', 3, 'cpu', str(tmp_path), lambda *both: None)
 
 
 def test_a_restarted_attempt_continues_its_results_dir(official_tree, tmp_path, capsys):
     out = tmp_path / 'out'
     config = tiny_config(dataset_path=str(official_tree), class_name='widget', seeds=(0, 1), results_dir=str(out))
-    first, _ = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=0))
+    first, _, _ = sweep.make_plan(config, None, launch.Launch(0, 2, 0, 2, restart=0), torch.device('cpu'))
     assert [job['seed'] for job in first['jobs']] == [0, 1] and (out / 'results.json').is_file()
-    sweep.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
-    again, earlier = sweep.make_plan(config, None, sweep.Launch(0, 2, 0, 2, restart=1))  # torchrun --max_restarts
+    jobs.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
+    again, _, earlier = sweep.make_plan(config, None, launch.Launch(0, 2, 0, 2, restart=1),  # torchrun --max_restarts
+                                        torch.device('cpu'))
     assert again['results_dir'] == str(out) and [job['seed'] for job in again['jobs']] == [0]
     assert earlier['config']['results_dir'] == str(out)
     assert 'continuing' in capsys.readouterr().out
 
 
 def test_more_processes_than_gpus_share_them_round_robin(monkeypatch, capsys):
-    import utils
-    monkeypatch.setattr(utils, 'resolve_device', lambda name: torch.device('cuda'))
+    monkeypatch.setattr(sweep, 'resolve_device', lambda name: torch.device('cuda'))
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     chosen = []
     monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
     monkeypatch.setattr(sweep, 'available_cpus', lambda: 16)
     threads = []
     monkeypatch.setattr(torch, 'set_num_threads', threads.append)
-    devices = [sweep.rank_device(tiny_config(), sweep.Launch(rank, 5, rank, 5, 0)) for rank in range(5)]
+    devices = [sweep.rank_device(tiny_config(), launch.Launch(rank, 5, rank, 5, 0)) for rank in range(5)]
     assert devices == [torch.device('cuda', gpu) for gpu in (0, 1, 0, 1, 0)]
     assert chosen == [0, 1, 0, 1, 0]
     assert threads == [3] * 5  # 16 cores shared by 5 processes, GPU or not
@@ -287,16 +289,15 @@ def test_more_processes_than_gpus_share_them_round_robin(monkeypatch, capsys):
 
 
 def test_out_of_memory_on_a_gpu_hands_the_cached_memory_back(monkeypatch, tmp_path, capsys):
-    import main as main_module
 
     def out_of_memory(*args):
         raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')
-    monkeypatch.setattr(main_module, 'run_class', out_of_memory)
+    monkeypatch.setattr(jobs, 'run_class', out_of_memory)
     emptied = []
     monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: emptied.append(True))
     recorded = []
     for device in ('cuda:1', 'cpu'):
-        main_module.run_job(tiny_config(), 'widget', 0, device, str(tmp_path), lambda *both: recorded.append(both))
+        jobs.run_job(tiny_config(), 'widget', 0, device, str(tmp_path), lambda *both: recorded.append(both))
     assert emptied == [True]  # the GPU job only
     assert [failure['error'].startswith('out of memory on ') for entry, failure in recorded] == [True, True]
     assert 'lower batch_size' in capsys.readouterr().out

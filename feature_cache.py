@@ -1,0 +1,50 @@
+"""The disk cache of extracted AlexNet features, keyed by everything they depend on."""
+import hashlib
+import json
+import os
+
+import torch
+
+from atomic_files import replace_atomically
+
+FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
+                    'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
+FEATURE_CACHE_FORMAT = 2  # raise when what a cache file holds, or how its key is made, changes
+
+
+def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config, device):
+    """A digest of everything extracted features depend on: each file (path, modification time, size),
+    the transform and extractor settings, the number of views, their seed, the AlexNet weights, and the
+    arithmetic: device type, torch version and, on CUDA, TF32 (other kernels give other float rounding)."""
+    files = []
+    for sample in samples:
+        stat = os.stat(sample.path)
+        files.append([os.path.abspath(sample.path), stat.st_mtime_ns, stat.st_size, sample.label, sample.defect_type])
+    arithmetic = {'device': torch.device(device).type, 'torch': torch.__version__}
+    if arithmetic['device'] == 'cuda':
+        arithmetic['tf32'] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    key = {'format': FEATURE_CACHE_FORMAT, 'files': files, 'n_views': n_views, 'view_seed': view_seed,
+           'fixed_rotations': fixed_rotations, 'weights': weights_digest, 'arithmetic': arithmetic,
+           'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def load_cached_features(cache_dir, key):
+    """(features, labels) stored under `key`, or None."""
+    path = os.path.join(cache_dir, f'features_{key}.pt')
+    if not os.path.isfile(path):
+        return None
+    try:
+        stored = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    if stored.get('key') != key:
+        return None
+    return stored['features'], stored['labels'].numpy()
+
+
+def save_cached_features(cache_dir, key, features, labels):
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f'features_{key}.pt')
+    stored = {'key': key, 'features': features.cpu(), 'labels': torch.as_tensor(labels)}
+    replace_atomically(path, lambda part: torch.save(stored, part))

@@ -1,0 +1,418 @@
+"""The job runner: one (class, seed) job, and the jobs of a run one after another, with what every run
+shares: the checks and lines it starts with, its results folder, --resume, the finished jobs, the summary it
+ends with. main.py runs it in one process; sweep.py hands its jobs to the processes of a torchrun.
+"""
+import datetime
+import os
+import re
+import resource
+import socket
+import sys
+import traceback
+
+import torch
+
+from atomic_files import read_json, remove_stale_temporaries, write_json_atomic
+from demo_data import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset
+from disk import disk_text
+from errors import UserError
+from hardware import bf16_pays_off, choose_precision, resolve_device
+from localization import localize_class
+from metrics import defect_type_aurocs
+from model import build_model, save_checkpoint
+from paper_values import deviations_from_paper
+from report import results_markdown, write_results_files
+from scoring import reference_view_features, score_statistics, scores_of_features
+from settings import build_config, file_stem, requested_class_names, run_seeds, validate_config
+from train import TrainingDiverged, seed_everything, train_class
+from utils import class_folders, detect_layout, find_class_samples, scan_class, split_validation
+
+JOBS_DIR = 'jobs'  # a sweep's finished jobs, one file each: jobs/<class>_seed<seed>.json
+JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
+POOL_WARNING = ('warning: train_feature_pool {pool} draws training views from a fixed pool; on MVTec screw (not '
+                'rotation-symmetric) the flow memorizes it: AUROC peaked near 0.85 and fell to 0.75 within 8 x 8 '
+                'epochs, in fp32 and bf16 alike, where the official on-line views reached 0.92 (docs/performance.md); '
+                '0, the on-line views, is the safe choice')
+OUT_OF_MEMORY_HINT = ('out of memory on {device} in class {class_name}: lower batch_size ({batch_size}), '
+                      'extract_batch_size ({extract_batch_size}), n_transforms_test ({n_transforms_test}) '
+                      'or train_feature_pool ({train_feature_pool}), or use --device cpu')
+
+
+def class_names(config):
+    """The requested classes: one name, a comma-separated list (or a list in config.py), or 'all' (every
+    class folder of dataset_path)."""
+    names = requested_class_names(config)
+    if names == ['all']:
+        if not os.path.isdir(config.dataset_path):
+            raise UserError(f'dataset path {config.dataset_path} does not exist')
+        names = class_folders(config.dataset_path)
+        if not names:
+            raise UserError(f'no class folders in {config.dataset_path}')
+    return names
+
+
+def checked_class_names(config):
+    """(class names, {class: why it cannot run}); raises UserError when no class can run."""
+    names = class_names(config)
+    problems = {}
+    for class_name in names:  # a mistyped class fails now, not after hours of another
+        try:
+            find_class_samples(config.dataset_path, class_name)
+        except UserError as error:
+            problems[class_name] = str(error)
+    if len(problems) == len(names):
+        raise UserError(next(iter(problems.values())) if len(names) == 1 else
+                        'no class can run: ' + '; '.join(problems.values()))
+    return names, problems
+
+
+def with_precision(config, device):
+    """(config with bf16_autocast decided for `device`, the line saying what was chosen and why): runs,
+    results.json and checkpoints hold the choice, not 'auto'."""
+    use_bf16, line = choose_precision(config.bf16_autocast, *bf16_pays_off(device))
+    return build_config(**{**vars(config), 'bf16_autocast': use_bf16}), line
+
+
+def start_run(config, device):
+    """What every run starts with (one process, or rank 0 of a sweep): the checks of the configuration, the
+    precision line, the demo set where it is asked for, the classes that can run. Returns (config with the
+    precision decided, class names, {class: why it cannot run})."""
+    validate_config(config)
+    config, precision = with_precision(config, device)
+    print(precision, flush=True)
+    if config.train_feature_pool:
+        print(POOL_WARNING.format(pool=config.train_feature_pool), flush=True)
+    if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
+        print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}', flush=True)
+    names, problems = checked_class_names(config)
+    return config, names, problems
+
+
+def end_run(results_dir, results, deviations, where_else=''):
+    """What every run ends with: the summary printed, and where its files are."""
+    state_dir = os.path.join(results_dir, 'resume')
+    if os.path.isdir(state_dir) and not os.listdir(state_dir):
+        os.rmdir(state_dir)
+    print('\n' + results_markdown(results, deviations))
+    print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and '
+          f'plots{where_else})', flush=True)
+    print(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it in a "
+          f'browser)', flush=True)
+
+
+def fresh_results_dir(config):
+    """`results_dir` if given (created; refused if an earlier run wrote there), else
+    results/<date>_<time>_<classes>; never an existing run's folder."""
+    if config.results_dir:
+        if os.path.isfile(os.path.join(config.results_dir, 'results.json')):
+            raise UserError(f'results_dir {config.results_dir} holds an earlier run; choose another folder, '
+                            f'or continue it with --resume {config.results_dir}')
+        os.makedirs(config.results_dir, exist_ok=True)
+        return config.results_dir
+    stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
+    base = os.path.join('results', f"{stamp}_{'_'.join(class_names(config))[:60]}")
+    path, suffix = base, 1
+    while os.path.exists(path):
+        suffix += 1
+        path = f'{base}_{suffix}'
+    os.makedirs(path)
+    return path
+
+
+def load_run_to_resume(results_dir):
+    """(config, results) of the run in `results_dir`, for --resume."""
+    path = os.path.join(results_dir, 'results.json')
+    if not os.path.isfile(path):
+        raise UserError(f'nothing to resume in {results_dir}: no results.json there; give the folder a run printed')
+    results = read_json(path)
+    return build_config(**results['config']), results
+
+
+# --- finished jobs: results.json's entries and a sweep's job files ------------------------------------
+
+def job_file(results_dir, class_name, seed):
+    return os.path.join(results_dir, JOBS_DIR, f'{class_name}_seed{seed}.json')
+
+
+def write_job_file(results_dir, class_name, seed, entry, failure, rank):
+    """Records one finished job: status done, diverged (entry and error) or failed (error only)."""
+    status = 'failed' if entry is None else entry['status']
+    record = {'class_name': class_name, 'seed': seed, 'status': status,
+              'error': failure['error'] if failure else None, 'entry': entry, 'rank': rank,
+              'host': socket.gethostname(), 'finished': datetime.datetime.now().isoformat(timespec='seconds')}
+    os.makedirs(os.path.join(results_dir, JOBS_DIR), exist_ok=True)
+    write_json_atomic(job_file(results_dir, class_name, seed), record)
+    return record
+
+
+def read_job_files(results_dir):
+    """{(class, seed): record} of the jobs/ folder (empty when there is none)."""
+    folder = os.path.join(results_dir, JOBS_DIR)
+    records = {}
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if JOB_FILE_NAME.fullmatch(name):  # not the temporary file of a write in progress
+                record = read_json(os.path.join(folder, name))
+                records[(record['class_name'], record['seed'])] = record
+    return records
+
+
+def done_entries(results):
+    """{(class, seed): entry} of the jobs that results.json's dict `results` holds as done."""
+    return {(entry['class_name'], entry['seed']): entry for entry in (results or {}).get('classes', [])
+            if entry.get('status') == 'done'}
+
+
+def finished_entries(results_dir, results=None):
+    """{(class, seed): entry} of every job finished in `results_dir`: those of its results.json (`results`),
+    then those a sweep recorded in its job files."""
+    entries = done_entries(results)
+    for key, record in read_job_files(results_dir).items():
+        if record['status'] == 'done':
+            entries.setdefault(key, record['entry'])
+    return entries
+
+
+# --- one job --------------------------------------------------------------------------------------
+
+def class_samples(config, class_name, device):
+    """(layout, training, validation and test samples) of a class, checked and announced."""
+    train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
+    for warning in scan_class(config.dataset_path, class_name, train_samples, test_samples):
+        print(f'warning: {warning}', flush=True)
+    train_samples, val_samples = split_validation(train_samples, config.val_fraction, config.seed)
+    layout = detect_layout(os.path.join(config.dataset_path, class_name))
+    held_out = f' ({len(val_samples)} more held out for the --score threshold)' if val_samples else ''
+    print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
+          + f'{held_out}, device {device}', flush=True)
+    return layout, train_samples, val_samples, test_samples
+
+
+def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resume_path=None):
+    """Trains and evaluates one class with `config.seed`, saves its checkpoint (with save_checkpoint) and
+    with grad_map_viz its gradient maps and pixel metrics; returns its results entry.
+
+    A NaN/inf loss returns the entry of the meta epochs finished before, with `status` 'diverged'.
+    """
+    layout, train_samples, val_samples, test_samples = class_samples(config, class_name, device)
+    seed_everything(config.seed)
+    model, weights_source = build_model(config)
+    print(f'AlexNet weights: {weights_source}', flush=True)
+    stem = file_stem(class_name, config.seed, run_seeds(config))
+    save = checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device)
+    best_path = os.path.join(results_dir, f'{stem}_best.pt')
+
+    def entry_of(history, status):
+        return class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status)
+
+    def after_meta_epoch(meta_epoch, history, scores, is_new_max):
+        if config.save_best and is_new_max:
+            save(best_path, dict(history, meta_epoch=meta_epoch))
+            print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+        if on_meta_epoch is not None:
+            on_meta_epoch(entry_of(history, 'in progress'))
+
+    status, error = 'done', None
+    try:
+        history = train_class(model, train_samples, test_samples, config, device,
+                              log=lambda line: print(line, flush=True), resume_path=resume_path,
+                              on_meta_epoch=after_meta_epoch)
+    except TrainingDiverged as diverged:
+        history, status, error = diverged.history, 'diverged', str(diverged)
+        print(f'error: class {class_name} stopped: {error}', flush=True)
+    entry = entry_of(history, status)
+    entry['n_validation_images'] = len(val_samples)
+    if status == 'done':
+        entry.update(finish_class(model, config, save, test_samples, device, results_dir, stem, history))
+    entry['peak_rss_gib'] = round(peak_resident_gib(), 2)
+    if error:
+        entry['error'] = error
+    return entry
+
+
+def finish_class(model, config, save, test_samples, device, results_dir, stem, history):
+    """What a finished class adds to its entry: its checkpoint (with save_checkpoint) and, with grad_map_viz,
+    its gradient maps and pixel metrics."""
+    added = {}
+    if config.save_checkpoint:  # off, the reference views are never extracted either
+        checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
+        save(checkpoint_path, history)
+        print(f'Checkpoint: {checkpoint_path}', flush=True)
+        added['checkpoint'] = os.path.basename(checkpoint_path)
+    if config.grad_map_viz:
+        added.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem),
+                                    log=lambda line: print(line, flush=True)))
+    return added
+
+
+def checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device):
+    """save(path, history): writes the checkpoint of `model` as it is now, with the score statistics of
+    defect-free images at the fixed rotations: the validation images, and `max_reference_images` of the
+    training images (evenly spaced in sorted order; 0 = all). Their features are extracted at the first
+    save only; later saves rerun just the flow."""
+
+    if config.max_reference_images and len(train_samples) > config.max_reference_images:
+        step = len(train_samples) / config.max_reference_images
+        train_samples = [train_samples[int(i * step)] for i in range(config.max_reference_images)]
+    references = {'training': train_samples, 'validation': val_samples}
+    features = {}
+
+    def save(path, history):
+        if not features:
+            # features.fixed_view_features leaves torch's random stream as it was, so training runs the same
+            # whether or not (and whenever) a checkpoint is saved
+            for name, samples in references.items():
+                if samples:
+                    features[name] = reference_view_features(model, samples, config, device,
+                                                             f'{name} reference views')
+        statistics = {name: None for name in references}
+        for name, samples in references.items():
+            if samples:
+                files = [os.path.relpath(sample.path, config.dataset_path) for sample in samples]
+                statistics[name] = score_statistics(scores_of_features(model, features[name], config), files)
+        save_checkpoint(path, model, config, weights_source, history, statistics, class_name)
+
+    return save
+
+
+def peak_resident_gib():
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 30 if sys.platform == 'darwin' else peak / 2 ** 20
+
+
+def class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status):
+    """The results.json entry of one (class, seed) run, from its training history."""
+    defect_types = [sample.defect_type for sample in test_samples]
+    entry = dict(class_name=class_name, seed=config.seed, status=status, layout=layout,
+                 weights_source=weights_source, n_train_images=len(train_samples),
+                 n_test_images=len(test_samples), **history,
+                 test_files=[os.path.relpath(sample.path, config.dataset_path) for sample in test_samples],
+                 test_defect_types=defect_types,
+                 test_mask_files=[sample.mask_path and os.path.relpath(sample.mask_path, config.dataset_path)
+                                  for sample in test_samples])
+    if history.get('test_scores'):
+        entry['defect_type_auroc_last'] = defect_type_aurocs(defect_types, history['test_labels'],
+                                                             history['test_scores'])
+        entry['defect_type_auroc_best'] = defect_type_aurocs(defect_types, history['test_labels'],
+                                                             history['best_test_scores'])
+    return entry
+
+
+def workload_text(config, train_samples, test_samples):
+    """How many images, views and steps a class takes, said before it starts."""
+    n_train, n_test = len(train_samples), len(test_samples)
+    n_anomalous = sum(sample.label for sample in test_samples)
+    steps = config.meta_epochs * config.sub_epochs * -(-n_train // config.batch_size)
+    if config.train_feature_pool:
+        train_views = f'{n_train * config.train_feature_pool} training views extracted once (pool of {config.train_feature_pool})'
+    else:
+        train_views = f'{config.meta_epochs * config.sub_epochs * n_train * config.n_transforms} training views on-line'
+    test_passes = 1 if config.cache_test_features else config.meta_epochs
+    return (f'{n_train} training images, {n_test} test images ({n_anomalous} anomalous); {train_views}, '
+            f'{test_passes * n_test * config.n_transforms_test} test views extracted ({n_test} x '
+            f'{config.n_transforms_test}{"" if test_passes == 1 else f" x {test_passes} meta epochs"}); '
+            f'{steps} flow steps ({config.meta_epochs} x {config.sub_epochs} epochs x {-(-n_train // config.batch_size)})')
+
+
+def is_out_of_memory(error):
+    return isinstance(error, MemoryError) or 'out of memory' in str(error).lower() or \
+        "can't allocate memory" in str(error).lower()
+
+
+def run_job(config, class_name, seed, device, results_dir, record, on_progress=None, catch_all=False):
+    """Runs one (class, seed) job; calls record(entry or None, failure or None) when it ends, then removes
+    its resume state (which has served). A failure is {class_name, seed, error}; a diverged run has both.
+
+    User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
+    with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
+    """
+    seed_config = build_config(**{**vars(config), 'seed': seed})
+    state_path = None
+    if config.resume_state:
+        os.makedirs(os.path.join(results_dir, 'resume'), exist_ok=True)
+        state_path = os.path.join(results_dir, 'resume', f'{class_name}_seed{seed}.pt')
+    entry = message = None
+    out_of_memory = False
+    try:
+        entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
+        if entry['status'] != 'done':
+            message = entry['error']
+    except Exception as error:  # MemoryError included
+        if isinstance(error, UserError):
+            message = str(error)
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
+            message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
+            print(f'error: {message}', flush=True)
+            out_of_memory = True
+        elif catch_all:
+            traceback.print_exc()
+            message = f'{type(error).__name__}: {error}'
+            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+        else:
+            raise
+    if out_of_memory and str(device).startswith('cuda'):
+        # the failed job's tensors are freed once the exception is gone; hand their cached blocks back so
+        # the next job of a sweep (or another process on this GPU) can have them
+        torch.cuda.empty_cache()
+    record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
+    if state_path:
+        if os.path.isfile(state_path):
+            os.remove(state_path)
+        remove_stale_temporaries(state_path)  # a writer killed while saving it leaves its temporary file
+
+
+def run(config, resume=None):
+    """Runs every requested (class, seed) in this process; returns (results folder, failed runs, runs done).
+
+    `resume` = (results_dir, results) of an interrupted run: finished runs are kept, the run in progress
+    continues from its last finished meta epoch, the rest run as planned.
+    """
+    device = resolve_device(config.device)
+    config, names, problems = start_run(config, device)
+    deviations = deviations_from_paper(config)
+    if resume:
+        results_dir, results = resume
+        finished = finished_entries(results_dir, results)  # failed jobs run again
+        results.update(classes=list(finished.values()), failed=[], in_progress=None)
+    else:
+        results_dir, finished = fresh_results_dir(config), {}
+        results = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
+                   'in_progress': None}
+    n_jobs = sum((name, seed) not in finished for name in names if name not in problems for seed in run_seeds(config))
+    print(disk_text(config, n_jobs), flush=True)
+    try:
+        run_jobs(config, names, problems, finished, device, results_dir, results, deviations)
+    except KeyboardInterrupt:
+        write_results_files(results_dir, results, deviations)
+        print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
+              f'Continue exactly where it stopped with:  python main.py --resume {results_dir}', flush=True)
+        raise
+    end_run(results_dir, results, deviations)
+    return results_dir, len(results['failed']), len(results['classes'])
+
+
+def run_jobs(config, names, problems, finished, device, results_dir, results, deviations):
+    """The jobs not in `finished`, one after another, `results` and its files following each meta epoch (the
+    tables) and each job (everything)."""
+    def save_progress(entry):
+        results['in_progress'] = entry
+        write_results_files(results_dir, results, deviations, figures=False)
+
+    def record(entry, failure):
+        if entry is not None:
+            results['classes'].append(entry)
+        if failure is not None:
+            results['failed'].append(failure)
+        results['in_progress'] = None
+        write_results_files(results_dir, results, deviations)
+
+    for class_name in names:
+        if class_name in problems:
+            print(f'error: class {class_name} skipped: {problems[class_name]}', flush=True)
+            record(None, {'class_name': class_name, 'seed': None, 'error': problems[class_name]})
+            continue
+        for seed in run_seeds(config):
+            if (class_name, seed) not in finished:
+                run_job(config, class_name, seed, device, results_dir, record, save_progress)

@@ -1,0 +1,121 @@
+"""The configuration of a run: config.py's values and comments, a value typed on the command line, checks.
+
+Imports no torch: `python main.py --help` and every user error stay fast.
+"""
+import ast
+import difflib
+import os
+import re
+import types
+
+import config as default_config
+from errors import UserError
+
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
+AUTO_SETTINGS = ('bf16_autocast',)  # true/false settings that also take 'auto' (decided per device at the start)
+VIEW_BACKENDS = ('auto', 'pil', 'tensor')
+MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
+POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
+                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size',
+                     'extract_batch_size_cuda')
+
+
+def config_defaults():
+    """{name: value} of config.py, in file order."""
+    return {name: getattr(default_config, name) for name in config_comments()}
+
+
+def config_comments():
+    """{name: one-line comment} read from config.py, in file order."""
+    comments = {}
+    with open(CONFIG_FILE) as handle:
+        for line in handle:
+            match = re.match(r'^(\w+) = .*?  # (.*)$', line.rstrip('\n'))
+            if match:
+                comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def build_config(**overrides):
+    """The effective configuration: config.py's values with `overrides` on top (tests build tiny ones).
+
+    Raises UserError for a name config.py does not have.
+    """
+    values = config_defaults()
+    for name, value in overrides.items():
+        if name not in values:
+            close = difflib.get_close_matches(name, values, n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise UserError(f"unknown setting '{name}'{hint}; see python main.py --help")
+        values[name] = value
+    return types.SimpleNamespace(**values)
+
+
+def parse_value(text, default):
+    """Parses a command-line string as the type of the config default it replaces."""
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ('true', '1', 'yes', 'on'):
+            return True
+        if lowered in ('false', '0', 'no', 'off'):
+            return False
+        raise ValueError('expected true or false')
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, (tuple, list)):
+        items = [item for item in text.replace('(', '').replace(')', '').split(',') if item.strip()]
+        element_type = type(default[0]) if default else int
+        return tuple(element_type(ast.literal_eval(item.strip())) for item in items)
+    return text
+
+
+def validate_config(config):
+    """Raises UserError for values that cannot work, naming the value and the fix."""
+    for name in POSITIVE_INTEGERS:
+        if getattr(config, name) < 1:
+            raise UserError(f'{name} = {getattr(config, name)} must be at least 1')
+    smallest = config.img_size // 2 ** (config.n_scales - 1)
+    if smallest < MIN_ALEXNET_INPUT:
+        raise UserError(f'img_size {config.img_size} with n_scales {config.n_scales} makes a smallest scale of '
+                        f'{smallest} px; AlexNet needs at least {MIN_ALEXNET_INPUT}: raise img_size or lower n_scales')
+    if not 0 <= config.dropout < 1:
+        raise UserError(f'dropout = {config.dropout} must be in [0, 1)')
+    if config.train_feature_pool and config.train_feature_pool < config.n_transforms:
+        raise UserError(f'train_feature_pool = {config.train_feature_pool} is below n_transforms = '
+                        f'{config.n_transforms}; use 0 (on-line views) or at least {config.n_transforms}')
+    if not 0 <= config.val_fraction < 1:
+        raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
+    validate_threshold_fpr(config)
+    if config.view_backend not in VIEW_BACKENDS:
+        raise UserError(f"view_backend = '{config.view_backend}' must be auto, pil or tensor")
+    if config.num_workers < 0:
+        raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
+    if config.bf16_autocast not in (True, False, 'auto'):
+        raise UserError(f"bf16_autocast = {config.bf16_autocast!r} must be true, false or 'auto'")
+    if not requested_class_names(config):
+        raise UserError("class_name is empty; name a class folder, e.g. --class_name bottle")
+
+
+def validate_threshold_fpr(config):
+    if not 0 <= config.threshold_fpr < 1:
+        raise UserError(f'threshold_fpr = {config.threshold_fpr} must be in [0, 1), e.g. 0.01')
+
+
+def requested_class_names(config):
+    """The class names as given: one name, a comma-separated list (or a list in config.py), or ['all']."""
+    names = config.class_name
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(',')]
+    return [name for name in names if name]
+
+
+def run_seeds(config):
+    """The seeds of a run: `seeds` when given, else the one `seed`."""
+    return list(config.seeds) if config.seeds else [config.seed]
+
+
+def file_stem(class_name, seed, seeds):
+    """How a job's files are named: '<class>', or '<class>_seed<seed>' in a run of several seeds."""
+    return f'{class_name}_seed{seed}' if len(seeds) > 1 else class_name
