@@ -51,11 +51,13 @@ feature_cache = True  # keep extracted pool/test features on disk, keyed by file
 feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
 view_backend = 'auto'  # 'pil' (official: views made one by one on PIL images), 'tensor' (images kept as uint8 tensors, views made in batches on the device, same pixels), 'auto': tensor on CUDA, pil on a CPU (the faster on each)
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
+cpu_flow_kernel = 'auto'  # the flow's fp32 products on a CPU: 'default' (PyTorch's: MKL on x86), 'onednn', 'auto' (the faster, measured at the start)
 bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers; not a default by the parity rule); 'auto': bf16 where faster (CUDA, AMX CPUs)
 
 # --- checkpoints, scoring, gradient maps ---
 save_checkpoint = True  # write <class>_checkpoint.pt and its reference scores at the end of each job (the start-of-run disk line says its size); False for sweeps
 save_best = False  # also save <class>_best.pt at the meta epoch of the highest AUROC (independent of save_checkpoint)
+n_train_images = 0  # K > 0: train on a seeded random K of the training images (the paper's 16-image claim; nested: the 16 of a seed are among its 64); 0 = all, as the paper
 val_fraction = 0.0  # share of train/good kept out of training (seeded) to set the --score threshold; 0 uses the training images
 max_reference_images = 32  # training images scored at fixed rotations for the checkpoint's score statistics (0 = all)
 threshold_fpr = 0.01  # --score threshold: the score this share of held-out (or training) defect-free images exceeds

@@ -73,24 +73,17 @@ def extract_view_features(model, views, config):
     features = []
     with torch.no_grad(), autocast(config, views.device):
         for chunk in views.split(extract_batch_size(config, views.device)):
-            if config.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            # views normalized from PIL's pixels are channels-last already: no copy then
+            chunk = chunk.contiguous(memory_format=torch.channels_last if config.channels_last
+                                     else torch.contiguous_format)
             features.append(model.features(chunk).float())
     return torch.cat(features)
-
-
-def batch_views(dataset, batch, device):
-    """The views (B, n_views, 3, s, s) on `device` of a loader batch: PIL-made views are copied (without
-    blocking only from pinned memory), tensor-backend recipes are made into views on the device."""
-    if isinstance(batch, dict):
-        return dataset.make_views(batch, device)
-    return batch.to(device, non_blocking=batch.is_pinned())
 
 
 def loader_features(model, loader, device, config):
     """Yields (features (B, n_views, D), labels (B,)) for each batch of a MultiViewDataset loader."""
     for batch, labels in loader:
-        views = batch_views(loader.dataset, batch, device)
+        views = loader.dataset.batch_views(batch, device)
         n_images, n_views = views.shape[:2]
         flat = views.view(-1, *views.shape[2:])
         yield extract_view_features(model, flat, config).view(n_images, n_views, -1), labels

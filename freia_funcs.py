@@ -21,8 +21,10 @@ class SubnetFC(nn.Module):
     with dropout before each ReLU. Not invertible; the coupling around it is.
 
     The official class also builds a BatchNorm1d (`bn`) that its forward never uses; it is left out, and
-    `load_official_state_dict` drops its entries.
+    `load_official_state_dict` drops its entries. `linear` computes each layer (torch.nn.functional.linear's
+    signature): `DifferNetFlow.use_linear` swaps in other kernels for the same products.
     """
+    linear = staticmethod(torch.nn.functional.linear)
 
     def __init__(self, size_in, size_out, internal_size, dropout=0.0):
         super().__init__()
@@ -35,10 +37,13 @@ class SubnetFC(nn.Module):
         self.d2b = nn.Dropout(p=dropout)
 
     def forward(self, x):
-        out = torch.relu(self.d1(self.fc1(x)))
-        out = torch.relu(self.d2(self.fc2(out)))
-        out = torch.relu(self.d2b(self.fc2b(out)))
-        return self.fc3(out)
+        out = torch.relu(self.d1(self.layer(self.fc1, x)))
+        out = torch.relu(self.d2(self.layer(self.fc2, out)))
+        out = torch.relu(self.d2b(self.layer(self.fc2b, out)))
+        return self.layer(self.fc3, out)
+
+    def layer(self, fc, x):
+        return self.linear(x, fc.weight, fc.bias)
 
 
 class PermuteLayer(nn.Module):
@@ -121,6 +126,12 @@ class DifferNetFlow(nn.Module):
             layers.append(PermuteLayer(n_dims, seed=k))
             layers.append(GlowCouplingLayer(n_dims, internal_size, clamp=clamp, dropout=dropout))
         self.module_list = nn.ModuleList(layers)
+
+    def use_linear(self, linear):
+        """Computes every subnet layer with `linear(x, weight, bias)` (e.g. hardware.onednn_linear)."""
+        for module in self.modules():
+            if isinstance(module, SubnetFC):
+                module.linear = linear
 
     def forward(self, x, rev=False):
         """Returns (z, log|det J|) for rev=False, (x, -log|det J(x)|) for rev=True given z."""

@@ -1,7 +1,19 @@
-"""What this machine is and does: the device a run takes, and whether bfloat16 pays off on it."""
+"""What this machine is and does: the device a run takes, whether bfloat16 pays off on it, and which kernels
+compute the flow's fp32 matrix products on a CPU, each decided once at the start of a run and printed.
+
+Where the machine cannot be told by its name, a short measurement at the start decides (a fraction of a
+second): MKL, PyTorch's fp32 matrix products on x86, takes slower code paths on some AMD processors, where
+oneDNN's reach twice the speed; on Intel processors the two are alike (docs/performance.md).
+"""
+import time
+
 import torch
+import torch.nn.functional as F
 
 from errors import UserError
+
+BF16_MIN_SPEEDUP = 1.2  # 'auto' takes bfloat16 on a CPU only when its convolutions measure this much faster
+ONEDNN_MIN_SPEEDUP = 1.15  # 'auto' takes oneDNN for the flow only when it measures this much faster than MKL
 
 
 def resolve_device(name):
@@ -24,33 +36,127 @@ def cpu_feature(name):
         return False
 
 
-def bf16_pays_off(device):
+def seconds_per_call(function, repeats):
+    """The best of `repeats` timed calls after one warm-up call (kernel selection, allocation)."""
+    function()
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bf16_convolution_speedup(repeats=3):
+    """How many times faster an AlexNet-sized convolution (conv2: 64 -> 192 channels, 5 x 5, 55 x 55 px,
+    8 images, channels-last) runs under bfloat16 autocast than in float32 on this CPU."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 64, 55, 55, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(192, 64, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+
+    def convolve(bf16):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            F.conv2d(images, weight, padding=2)
+    return seconds_per_call(lambda: convolve(False), repeats) / seconds_per_call(lambda: convolve(True), repeats)
+
+
+def bf16_pays_off(device, measure=False):
     """(whether bfloat16 autocast makes `device` faster than float32, why), for bf16_autocast 'auto'.
 
-    CUDA: where the GPU computes bfloat16. CPU: only with AMX. AVX512-BF16 alone is native too, but on the
-    CPU measured there bfloat16 ran slower than float32 (docs/performance.md)."""
+    CUDA: where the GPU computes bfloat16. A CPU without native bfloat16 (neither AMX nor AVX512-BF16):
+    never. A CPU with it: with `measure`, when its convolutions run BF16_MIN_SPEEDUP times faster in a
+    short measurement; without, where it has AMX (the unmeasured guess)."""
     if device.type == 'cuda':
         native = torch.cuda.is_bf16_supported()
         return native, 'cuda computes bfloat16 natively' if native else 'cuda has no native bfloat16'
-    if cpu_feature('amx_tile'):
-        return True, 'cpu has AMX, which computes bfloat16 natively'
-    if cpu_feature('avx512_bf16'):
-        return False, 'cpu has AVX512-BF16 but no AMX; there bfloat16 ran slower than float32'
-    return False, 'cpu has no native bfloat16'
+    amx = cpu_feature('amx_tile')
+    if not amx and not cpu_feature('avx512_bf16'):
+        return False, 'cpu has no native bfloat16'
+    has = 'cpu has AMX' if amx else 'cpu has AVX512-BF16 without AMX'
+    if not measure:
+        return amx, has
+    speedup = bf16_convolution_speedup()
+    return speedup >= BF16_MIN_SPEEDUP, f'{has}; measured now: bfloat16 convolutions {speedup:.1f}x as fast as float32'
 
 
 def choose_precision(setting, fast_bf16, why):
     """(use_bf16, the line that says what was chosen and why) for `bf16_autocast` = True, False or 'auto';
-    `fast_bf16` and `why` come from bf16_pays_off.
-
-    'auto' takes bfloat16 only where it is faster; elsewhere (emulated, or AVX512-BF16 without AMX)
-    AlexNet and the flow run slower than in float32 (docs/performance.md)."""
+    `fast_bf16` and `why` come from bf16_pays_off."""
     if setting == 'auto':
         return fast_bf16, f"precision: {'bfloat16' if fast_bf16 else 'float32'} (bf16_autocast auto: {why})"
     if setting and not fast_bf16:
         return True, (f'warning: precision: bfloat16 (bf16_autocast true) although {why}: AlexNet and the flow '
-                      f'run slower than in float32; use --bf16_autocast auto or false')
+                      f'may run slower than in float32; use --bf16_autocast auto or false')
     if setting:
         return True, 'precision: bfloat16 (bf16_autocast true)'
-    hint = '; --bf16_autocast auto would use it (docs/performance.md)' if fast_bf16 else ''
+    hint = '; --bf16_autocast auto measures whether bfloat16 is faster here' if fast_bf16 else ''
     return False, f'precision: float32 (bf16_autocast false, as the paper; {why}{hint})'
+
+
+# --- the flow's fp32 matrix products on a CPU -------------------------------------------------------------
+
+def onednn_available():
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+def onednn_product(inputs, weight, bias=None):
+    """inputs @ weight^T (+ bias) through oneDNN's matmul; any strides (a transposed view is read as it is)."""
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, 'none', [], '')
+
+
+class OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b with all three products through oneDNN:
+        forward  y = x W^T + b
+        backward dL/dx = g W,  dL/dW = g^T x,  dL/db = sum over rows of g
+    The same arithmetic as torch.nn.functional.linear, rounded by other kernels."""
+
+    @staticmethod
+    def forward(context, inputs, weight, bias):
+        context.save_for_backward(inputs, weight)
+        return onednn_product(inputs, weight, bias)
+
+    @staticmethod
+    def backward(context, grad_output):
+        inputs, weight = context.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_inputs = onednn_product(grad_output, weight.t()) if context.needs_input_grad[0] else None
+        grad_weight = onednn_product(grad_output.t(), inputs.t()) if context.needs_input_grad[1] else None
+        grad_bias = grad_output.sum(dim=0) if context.needs_input_grad[2] else None
+        return grad_inputs, grad_weight, grad_bias
+
+
+def onednn_linear(inputs, weight, bias):
+    """torch.nn.functional.linear's signature, the products through oneDNN (2-D float32 inputs on a CPU)."""
+    return OneDnnLinear.apply(inputs, weight, bias)
+
+
+def linear_gflops(linear, n_rows, width, repeats=5):
+    """GFLOP/s of `linear` on the flow's largest shape, forward and both backward products: (n_rows x width)
+    through a (width x width) layer."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(n_rows, width, generator=generator, requires_grad=True)
+    weight = torch.randn(width, width, generator=generator, requires_grad=True)
+    bias = torch.zeros(width, requires_grad=True)
+
+    def step():
+        linear(inputs, weight, bias).sum().backward()
+    return 3 * 2 * n_rows * width * width / seconds_per_call(step, repeats) / 1e9
+
+
+def choose_flow_kernel(setting, device, bf16, n_rows, width):
+    """(kernel, the line that says which and why): 'default' (PyTorch's own: MKL on x86) or 'onednn', for
+    `cpu_flow_kernel` = 'auto', 'default' or 'onednn'. 'auto' measures both on the flow's shape and takes
+    oneDNN only when ONEDNN_MIN_SPEEDUP times faster; on a GPU, under bfloat16 (autocast picks its own
+    kernels) or without oneDNN it keeps PyTorch's."""
+    if device.type != 'cpu' or bf16:
+        where = 'on the GPU' if device.type != 'cpu' else 'under bfloat16 autocast'
+        return 'default', f"kernels: the flow's products {where} are PyTorch's own (cpu_flow_kernel applies to fp32 on a CPU)"
+    if not onednn_available():
+        return 'default', "kernels: the flow's products through PyTorch's default (this torch has no oneDNN matmul)"
+    if setting != 'auto':
+        return setting, f"kernels: the flow's fp32 products through {'oneDNN' if setting == 'onednn' else 'PyTorch default (MKL)'} (cpu_flow_kernel {setting})"
+    default, onednn = linear_gflops(F.linear, n_rows, width), linear_gflops(onednn_linear, n_rows, width)
+    kernel = 'onednn' if onednn >= ONEDNN_MIN_SPEEDUP * default else 'default'
+    return kernel, (f"kernels: the flow's fp32 products through {'oneDNN' if kernel == 'onednn' else 'PyTorch default (MKL)'} "
+                    f'(cpu_flow_kernel auto; measured now on {n_rows} x {width} by {width} x {width}: MKL '
+                    f'{default:.0f}, oneDNN {onednn:.0f} GFLOP/s)')

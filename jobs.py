@@ -16,7 +16,7 @@ from atomic_files import read_json, remove_stale_temporaries, write_json_atomic
 from demo_data import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset
 from disk import disk_text
 from errors import UserError
-from hardware import bf16_pays_off, choose_precision, resolve_device
+from hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
 from localization import localize_class
 from metrics import defect_type_aurocs
 from model import build_model, save_checkpoint
@@ -25,7 +25,8 @@ from report import results_markdown, write_results_files
 from scoring import reference_view_features, score_statistics, scores_of_features
 from settings import build_config, file_stem, requested_class_names, run_seeds, validate_config
 from train import TrainingDiverged, seed_everything, train_class
-from utils import class_folders, detect_layout, find_class_samples, scan_class, split_validation
+from utils import (class_folder_of, class_folders, detect_layout, find_class_samples, scan_class, split_validation,
+                   training_subset)
 
 JOBS_DIR = 'jobs'  # a sweep's finished jobs, one file each: jobs/<class>_seed<seed>.json
 JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
@@ -66,11 +67,14 @@ def checked_class_names(config):
     return names, problems
 
 
-def with_precision(config, device):
-    """(config with bf16_autocast decided for `device`, the line saying what was chosen and why): runs,
-    results.json and checkpoints hold the choice, not 'auto'."""
-    use_bf16, line = choose_precision(config.bf16_autocast, *bf16_pays_off(device))
-    return build_config(**{**vars(config), 'bf16_autocast': use_bf16}), line
+def with_machine_choices(config, device):
+    """(config with bf16_autocast and cpu_flow_kernel decided for `device`, the lines saying what was chosen
+    and why): runs, results.json and checkpoints hold the choices, not 'auto'."""
+    measure = config.bf16_autocast == 'auto'
+    use_bf16, precision = choose_precision(config.bf16_autocast, *bf16_pays_off(device, measure))
+    kernel, kernels = choose_flow_kernel(config.cpu_flow_kernel, device, use_bf16, config.batch_size *
+                                         config.n_transforms, config.fc_internal)
+    return build_config(**{**vars(config), 'bf16_autocast': use_bf16, 'cpu_flow_kernel': kernel}), [precision, kernels]
 
 
 def start_run(config, device):
@@ -78,8 +82,8 @@ def start_run(config, device):
     precision line, the demo set where it is asked for, the classes that can run. Returns (config with the
     precision decided, class names, {class: why it cannot run})."""
     validate_config(config)
-    config, precision = with_precision(config, device)
-    print(precision, flush=True)
+    config, lines = with_machine_choices(config, device)
+    print('\n'.join(lines), flush=True)
     if config.train_feature_pool:
         print(POOL_WARNING.format(pool=config.train_feature_pool), flush=True)
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
@@ -181,11 +185,14 @@ def class_samples(config, class_name, device):
     for warning in scan_class(config.dataset_path, class_name, train_samples, test_samples):
         print(f'warning: {warning}', flush=True)
     train_samples, val_samples = split_validation(train_samples, config.val_fraction, config.seed)
-    layout = detect_layout(os.path.join(config.dataset_path, class_name))
+    available = len(train_samples)
+    train_samples = training_subset(train_samples, config.n_train_images, config.seed)
+    layout = detect_layout(class_folder_of(config.dataset_path, class_name))
     held_out = f' ({len(val_samples)} more held out for the --score threshold)' if val_samples else ''
+    subset = f' (a seeded {len(train_samples)} of {available}: n_train_images)' if config.n_train_images else ''
     print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
-          + f'{held_out}, device {device}', flush=True)
-    return layout, train_samples, val_samples, test_samples
+          + f'{subset}{held_out}, device {device}', flush=True)
+    return layout, train_samples, val_samples, test_samples, available
 
 
 def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resume_path=None):
@@ -194,7 +201,7 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
 
     A NaN/inf loss returns the entry of the meta epochs finished before, with `status` 'diverged'.
     """
-    layout, train_samples, val_samples, test_samples = class_samples(config, class_name, device)
+    layout, train_samples, val_samples, test_samples, available = class_samples(config, class_name, device)
     seed_everything(config.seed)
     model, weights_source = build_model(config)
     print(f'AlexNet weights: {weights_source}', flush=True)
@@ -222,6 +229,9 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
         print(f'error: class {class_name} stopped: {error}', flush=True)
     entry = entry_of(history, status)
     entry['n_validation_images'] = len(val_samples)
+    if config.n_train_images:  # the few-shot subset: which images, out of how many
+        entry['train_subset_of'] = available
+        entry['train_files'] = [os.path.relpath(sample.path, config.dataset_path) for sample in train_samples]
     if status == 'done':
         entry.update(finish_class(model, config, save, test_samples, device, results_dir, stem, history))
     entry['peak_rss_gib'] = round(peak_resident_gib(), 2)

@@ -94,7 +94,7 @@ def gradient_map(model, image_path, config, device):
     angles = fixed_angles(config.n_transforms_test)
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
                                view_seed=config.seed + TEST_VIEW_SEED_OFFSET)  # colour jitter draws as the test views
-    views = dataset[0][0].to(device)
+    views = dataset.views_of(0, device)
     gradients, score = input_gradients(model, views, extract_batch_size(config, device))
     heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))
     return heat, score

@@ -16,6 +16,7 @@ from alexnet_weights import features_state_from_full, load_imagenet_alexnet_feat
 from atomic_files import replace_atomically
 from errors import UserError
 from freia_funcs import DifferNetFlow
+from hardware import onednn_linear
 
 N_FEATURES_PER_SCALE = 256  # channels of AlexNet's last conv block
 
@@ -54,6 +55,11 @@ class DifferNet(nn.Module):
         self.feature_extractor.requires_grad_(False)
         self.feature_extractor.eval()
         self.nf = build_flow(config)
+
+    def use_flow_kernel(self, kernel):
+        """Computes the flow's layers with `kernel` ('default': PyTorch's own; 'onednn': hardware.onednn_linear)."""
+        self.nf.use_linear(onednn_linear if kernel == 'onednn' else F.linear)
+        return self
 
     def train(self, mode=True):
         # The extractor is frozen: it stays in eval mode whatever the flow does.

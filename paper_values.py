@@ -15,7 +15,7 @@ PAPER_VALUES = dict(img_size=448, n_scales=3, n_coupling_blocks=8, clamp_alpha=3
                     transf_rotations=True, transf_brightness=0.0, transf_contrast=0.0, transf_saturation=0.0,
                     norm_mean=(0.485, 0.456, 0.406), norm_std=(0.229, 0.224, 0.225), fixed_test_rotations=False,
                     pretrained=True, train_feature_pool=0, cache_test_features=False, adam_fused=False,
-                    channels_last=False, bf16_autocast=False, val_fraction=0.0, max_grad_norm=0.0, weights_path='',
+                    channels_last=False, bf16_autocast=False, val_fraction=0.0, n_train_images=0, max_grad_norm=0.0, weights_path='',
                     num_workers=0)
 
 # settings that cannot change any number a run computes (losses, scores, AUROC, checkpoint contents)
@@ -45,6 +45,8 @@ SETTINGS_WITHOUT_PAPER_VALUE = {
     'extract_batch_size': 'views per AlexNet pass: float rounding only (docs/faithfulness.md); '
                           'the official code passes a batch\'s 96 training views or an image\'s 64 test views at once',
     'extract_batch_size_cuda': 'the same on a CUDA device',
+    'cpu_flow_kernel': 'float rounding only: the same products through MKL or oneDNN (tests/test_flow.py); '
+                       'official: PyTorch\'s default',
     'max_reference_images': 'the checkpoint\'s score statistics and --score threshold (ours; not in the paper)',
     'threshold_fpr': 'the --score threshold (ours; not in the paper)',
 }

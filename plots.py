@@ -94,7 +94,7 @@ def write_paper_comparison_plot(results_dir, runs):
         axis.errorbar(positions + offset, means, yerr=spreads, fmt=marker, capsize=3, label=label)
     references = [class_references(name, class_runs) for name, class_runs in by_class.items()]
     axis.scatter(positions, [r['paper'] for r in references], marker='_', s=500, linewidths=2.5, color='black',
-                 label='paper (Table 1)', zorder=3)
+                 label='paper', zorder=3)
     axis.scatter(positions, [r['reproduction_max'] for r in references], marker='x', s=40, color='tab:red',
                  label='published reproduction, max', zorder=3)
     axis.set_xticks(positions)

@@ -1,9 +1,9 @@
-"""The published numbers ours are compared with, as data with their sources: the paper's Table 1 and a
+"""The published numbers ours are compared with, as data with their sources: the paper's Tables 1 and 2 and a
 published reproduction's image AUROC per class, and MVTec AD's official split they were measured on.
 
 The reference columns of results.md, results.csv and report.html (summary.py) are a small set on purpose:
 
-    Paper                 Table 1 of the paper (printed in %, shown as a fraction like ours)
+    Paper                 Table 1 (MVTec AD) or 2 (MTD) of the paper (printed in %, shown as a fraction like ours)
     Max - paper           our max AUROC (mean over seeds) minus the paper's
     Reproduction last     the published reproduction's last-meta-epoch AUROC (it gives none for BTAD)
     Reproduction max      its max AUROC over the 24 meta epochs
@@ -22,14 +22,15 @@ import numpy as np
 
 REFERENCE_SOURCES = {
     'paper': ('Rudolph, Wandt, Rosenhahn, "Same Same But DifferNet: Semi-Supervised Defect Detection with '
-              'Normalizing Flows", WACV 2021, Table 1 of arXiv 2008.12577 (image AUROC in %, MVTec AD only)'),
+              'Normalizing Flows", WACV 2021, arXiv 2008.12577: Table 1 (MVTec AD) and Table 2 (Magnetic Tile '
+              'Defects, DifferNet\'s own split), image AUROC in %'),
     'reproduction': ('a published reproduction (a public GitHub README) that ran the official code with the '
                      "paper's 24 x 8 epochs on NVIDIA L4 GPUs; last and max AUROC over the 24 meta epochs; "
                      'its BTAD classes were rearranged by hand and reported without a last AUROC'),
 }
 
-# class: (paper Table 1 in %, reproduction last AUROC, reproduction max AUROC); None where the source has none.
-# The reproduction's values are those its README reports; the paper's are transcribed from its Table 1 (its
+# class: (paper Table 1 or 2 in %, reproduction last AUROC, reproduction max AUROC); None where the source has none.
+# The reproduction's values are those its README reports; the paper's are transcribed from its tables (Table 1's
 # printed mean, 94.9, is the one later papers citing DifferNet give; docs/faithfulness.md).
 REFERENCE_AUROC = {
     'bottle': (99.0, 0.9881, 0.9921),
@@ -47,6 +48,7 @@ REFERENCE_AUROC = {
     'transistor': (91.1, 0.8983, 0.9142),
     'wood': (99.8, 0.9930, 0.9974),
     'zipper': (95.1, 0.9249, 0.9359),
+    'mtd': (97.7, None, None),  # Magnetic Tile Defects: the paper's Table 2; the reproduction has no MTD
     '01': (None, None, 0.9903),  # BTAD: the paper has no BTAD results
     '02': (None, None, 0.8298),
     '03': (None, None, 0.9870),
@@ -61,8 +63,13 @@ OFFICIAL_SPLIT = {
     'screw': (320, 160), 'tile': (230, 117), 'toothbrush': (60, 42), 'transistor': (213, 100),
     'wood': (247, 79), 'zipper': (240, 151),
 }
+# DifferNet's own split of MTD (splits/mtd_train_filenames.txt): the one its Table 2 was measured on
+DIFFERNET_SPLITS = {'mtd': (761, 583)}
 PAPER_PRINTED_MEAN = 94.9  # the mean the paper prints under Table 1
-PAPER_COMPUTED_MEAN = float(np.mean([paper for paper, _, _ in REFERENCE_AUROC.values() if paper is not None]))
+MVTEC_CLASSES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill', 'screw',
+                 'tile', 'toothbrush', 'transistor', 'wood', 'zipper')
+BENCHMARKS = {**{name: 'MVTec AD' for name in MVTEC_CLASSES}, 'mtd': 'MTD', '01': 'BTAD', '02': 'BTAD', '03': 'BTAD'}
+PAPER_COMPUTED_MEAN = float(np.mean([REFERENCE_AUROC[name][0] for name in MVTEC_CLASSES]))
 PAPER_NOTE = (f'The paper prints the mean of Table 1 as {PAPER_PRINTED_MEAN} %, but its fifteen class values '
               f'average {PAPER_COMPUTED_MEAN:.1f} % ({PAPER_COMPUTED_MEAN:.2f}); the mean rows here are computed, '
               f'so over all fifteen MVTec AD classes the paper column reads {PAPER_COMPUTED_MEAN / 100:.4f}.')
@@ -88,17 +95,19 @@ def reference_auroc(class_name):
 
 def split_mismatch(class_name, class_runs):
     """Why the runs of `class_name` are not compared with the references, or '': their training (validation
-    images included) and test image counts differ from MVTec AD's official split. Runs that record no counts
-    are compared."""
-    official = OFFICIAL_SPLIT.get(class_name)
+    images included, before a few-shot subset) and test image counts differ from the split the references
+    were measured on (OFFICIAL_SPLIT, DIFFERNET_SPLITS). Runs that record no counts are compared."""
+    official = OFFICIAL_SPLIT.get(class_name) or DIFFERNET_SPLITS.get(class_name)
     if official is None:
         return ''
     for run in class_runs:
         if 'n_train_images' not in run or 'n_test_images' not in run:
             continue
-        counts = (run['n_train_images'] + run.get('n_validation_images', 0), run['n_test_images'])
+        counts = (run.get('train_subset_of', run['n_train_images']) + run.get('n_validation_images', 0),
+                  run['n_test_images'])
         if counts != official:
-            return (f"{class_name}: {counts[0]} training and {counts[1]} test images, not MVTec AD's official split "
+            which = "MVTec AD's official split" if class_name in OFFICIAL_SPLIT else "the paper's split"
+            return (f'{class_name}: {counts[0]} training and {counts[1]} test images, not {which} '
                     f'({official[0]} and {official[1]}): not compared with the paper or the reproduction, whose '
                     'numbers are for that split')
     return ''
@@ -112,7 +121,32 @@ def class_references(class_name, class_runs):
 
 
 def split_notes(runs):
-    return [note for name, class_runs in runs_by_class(runs).items() if (note := split_mismatch(name, class_runs))]
+    """The notes under the tables: classes on another split, and few-shot runs (n_train_images)."""
+    notes = [note for name, class_runs in runs_by_class(runs).items() if (note := split_mismatch(name, class_runs))]
+    for name, class_runs in runs_by_class(runs).items():
+        subsets = sorted({(run['n_train_images'], run['train_subset_of']) for run in class_runs if 'train_subset_of' in run})
+        if subsets:
+            trained = ', '.join(f'{n} of {of}' for n, of in subsets)
+            notes.append(f'{name}: trained on a seeded subset of its training images ({trained}; n_train_images); '
+                         'the references are for all of them')
+    return notes
+
+
+def benchmark_of(class_name):
+    return BENCHMARKS.get(class_name)
+
+
+def mean_row_groups(class_names):
+    """[(label, class names)] of the mean rows of a table: 'mean' over every class when they come from one
+    benchmark (classes of no known benchmark join it); when they span several, one 'mean <benchmark>' row per
+    benchmark with two or more classes, so that MVTec AD, BTAD and MTD are never averaged together."""
+    benchmarks = {}
+    for name in class_names:
+        if benchmark_of(name):
+            benchmarks.setdefault(benchmark_of(name), []).append(name)
+    if len(benchmarks) <= 1:
+        return [('mean', list(class_names))] if len(class_names) > 1 else []
+    return [(f'mean {benchmark}', names) for benchmark, names in benchmarks.items() if len(names) > 1]
 
 
 def has_references(runs):

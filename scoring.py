@@ -86,8 +86,9 @@ def write_scores_csv(path, rows):
 
 def prepare_model(model, settings, device):
     """The model as training left it for scoring: on `device`, extractor memory format as the run's
-    (channels_last changes float rounding), eval mode."""
-    model.to(device)
+    (channels_last changes float rounding), the flow's kernel as cpu_flow_kernel says ('auto': PyTorch's
+    own, a scoring run measures nothing), eval mode."""
+    model.to(device).use_flow_kernel(settings.cpu_flow_kernel)
     prepare_extractor(model, settings)
     return model.eval()
 

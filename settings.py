@@ -14,6 +14,7 @@ from errors import UserError
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
 AUTO_SETTINGS = ('bf16_autocast',)  # true/false settings that also take 'auto' (decided per device at the start)
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
+FLOW_KERNELS = ('auto', 'default', 'onednn')
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
 POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
                      'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size',
@@ -85,11 +86,15 @@ def validate_config(config):
     if config.train_feature_pool and config.train_feature_pool < config.n_transforms:
         raise UserError(f'train_feature_pool = {config.train_feature_pool} is below n_transforms = '
                         f'{config.n_transforms}; use 0 (on-line views) or at least {config.n_transforms}')
+    if config.n_train_images < 0:
+        raise UserError(f'n_train_images = {config.n_train_images} must be 0 (all) or a number of images, e.g. 16')
     if not 0 <= config.val_fraction < 1:
         raise UserError(f'val_fraction = {config.val_fraction} must be in [0, 1), e.g. 0.1')
     validate_threshold_fpr(config)
     if config.view_backend not in VIEW_BACKENDS:
         raise UserError(f"view_backend = '{config.view_backend}' must be auto, pil or tensor")
+    if config.cpu_flow_kernel not in FLOW_KERNELS:
+        raise UserError(f"cpu_flow_kernel = '{config.cpu_flow_kernel}' must be auto, default or onednn")
     if config.num_workers < 0:
         raise UserError(f'num_workers = {config.num_workers} must be 0 or more')
     if config.bf16_autocast not in (True, False, 'auto'):

@@ -5,9 +5,10 @@ import math
 
 import numpy as np
 
-from references import as_float, class_references, has_references, reference_notes, runs_by_class, split_notes
+from references import (as_float, class_references, has_references, mean_row_groups, reference_notes, runs_by_class,
+                        split_notes)
 
-REFERENCE_COLUMNS = [('paper', 'Paper (Table 1)'), ('max_minus_paper', 'Max − paper'),
+REFERENCE_COLUMNS = [('paper', 'Paper'), ('max_minus_paper', 'Max − paper'),
                      ('reproduction_last', 'Reproduction last'), ('reproduction_max', 'Reproduction max'),
                      ('max_minus_reproduction', 'Max − reproduction')]
 CSV_REFERENCE_COLUMNS = ['paper_auroc', 'max_minus_paper', 'reproduction_last_auroc', 'reproduction_max_auroc',
@@ -30,7 +31,8 @@ def mean_or_nan(values):
 
 def summary_rows(runs):
     """One row per class (in first-seen order) with Last AUROC, Max AUROC, Max AUROC Epoch, each as
-    mean ± std over the class's seeds, then a mean row over the classes."""
+    mean ± std over the class's seeds, then the mean rows (references.mean_row_groups: one over the
+    classes, or one per benchmark when the run spans several)."""
     by_class = {}
     for run in runs:
         by_class.setdefault(run['class_name'], []).append(run)
@@ -41,11 +43,11 @@ def summary_rows(runs):
                      mean_std_text([r['max_auroc'] for r in class_runs]),
                      mean_std_text([r['max_auroc_epoch'] for r in class_runs], digits=1 if len(class_runs) > 1 else 0),
                      len(class_runs)] + ([mean_std_text([r.get('pixel_auroc') for r in class_runs])] if with_pixels else []))
-    if len(by_class) > 1:
-        class_means = {key: [mean_or_nan([as_float(r[key]) for r in class_runs]) for class_runs in by_class.values()]
+    for label, names in mean_row_groups(list(by_class)):
+        class_means = {key: [mean_or_nan([as_float(r[key]) for r in by_class[name]]) for name in names]
                        for key in ('last_auroc', 'max_auroc')}
-        rows.append(['mean', f"{mean_or_nan(class_means['last_auroc']):.4f}",
-                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(v) for v in by_class.values())]
+        rows.append([label, f"{mean_or_nan(class_means['last_auroc']):.4f}",
+                     f"{mean_or_nan(class_means['max_auroc']):.4f}", '', sum(len(by_class[name]) for name in names)]
                     + ([''] if with_pixels else []))
     return rows
 
@@ -81,7 +83,7 @@ def reference_cell(value, key, mean=False):
         return ''
     if key.startswith('max_minus'):
         return f'{value:+.4f}'
-    return f'{value:.3f}' if key == 'paper' and not mean else f'{value:.4f}'  # Table 1 has three digits
+    return f'{value:.3f}' if key == 'paper' and not mean else f'{value:.4f}'  # the paper's tables have three digits
 
 
 def mean_reference_cells(records, annotate=True):
@@ -98,23 +100,24 @@ def mean_reference_cells(records, annotate=True):
 
 
 def reference_cells(runs, annotate=True):
-    """[cells of REFERENCE_COLUMNS] per summary row: one per class, then the mean row's when there is one
-    (summary_rows adds a mean row for more than one class)."""
+    """[cells of REFERENCE_COLUMNS] per summary row: one per class, then those of each mean row."""
     records = reference_records(runs)
     rows = [[reference_cell(r[key], key) for key, _ in REFERENCE_COLUMNS] for r in records]
-    if len(records) > 1:
-        rows.append(mean_reference_cells(records, annotate))
+    by_name = {r['class_name']: r for r in records}
+    for _, names in mean_row_groups(list(by_name)):
+        rows.append(mean_reference_cells([by_name[name] for name in names], annotate))
     return rows
 
 
 def comparison_rows(runs):
     """Rows of the table against the references: class, our last and max AUROC (means over seeds), then
-    REFERENCE_COLUMNS; a mean row for more than one class."""
+    REFERENCE_COLUMNS; then the mean rows."""
     records = reference_records(runs)
     rows = [[r['class_name'], reference_cell(r['last'], 'last'), reference_cell(r['max'], 'max')] for r in records]
-    if len(records) > 1:
-        rows.append(['mean', reference_cell(mean_or_nan([r['last'] for r in records]), 'last'),
-                     reference_cell(mean_or_nan([r['max'] for r in records]), 'max')])
+    by_name = {r['class_name']: r for r in records}
+    for label, names in mean_row_groups(list(by_name)):
+        rows.append([label, reference_cell(mean_or_nan([by_name[name]['last'] for name in names]), 'last'),
+                     reference_cell(mean_or_nan([by_name[name]['max'] for name in names]), 'max')])
     return [row + cells for row, cells in zip(rows, reference_cells(runs))]
 
 

@@ -24,13 +24,14 @@ from atomic_files import read_json, write_json_atomic
 from disk import disk_text
 from hardware import resolve_device
 from jobs import (JOBS_DIR, done_entries, end_run, finished_entries, fresh_results_dir, read_job_files, run_job,
-                  start_run, with_precision, write_job_file)
+                  start_run, write_job_file)
 from launch import RankPrefixed, RankZeroError
 from paper_values import deviations_from_paper
 from report import write_results_files
-from settings import run_seeds
+from settings import build_config, run_seeds
 from utils import find_class_samples
 
+MACHINE_CHOICES = ('bf16_autocast', 'cpu_flow_kernel')  # decided by rank 0 for every rank (jobs.start_run)
 POLL_S = 0.5  # how often rank 0 looks whether the other processes are done
 STORE_TIMEOUT = datetime.timedelta(hours=2)  # the longest a process waits for rank 0's plan
 
@@ -68,6 +69,8 @@ def rank_device(config, launch):
 def job_cost(config, n_train, n_test):
     """Views a job pushes through the network (training and test): what its run time follows."""
     test_passes = 1 if config.cache_test_features else config.meta_epochs
+    if config.n_train_images:
+        n_train = min(n_train, config.n_train_images)
     return n_train * config.meta_epochs * config.sub_epochs * config.n_transforms + \
         n_test * config.n_transforms_test * test_passes
 
@@ -149,12 +152,13 @@ def shared_plan(config, resume, launch, store):
         except BaseException as error:  # the others wait for the plan: tell them to stop
             store.set('plan', json.dumps({'error': f'{type(error).__name__}: {error}'}))
             raise
+        plan['machine_choices'] = {name: getattr(config, name) for name in MACHINE_CHOICES}
         store.set('plan', json.dumps(plan))
         return plan, config, earlier
     plan = json.loads(store.get('plan'))
     if 'error' in plan:
         raise RankZeroError(plan['error'])
-    return plan, with_precision(config, device)[0], None  # the same choice as rank 0's
+    return plan, build_config(**{**vars(config), **plan['machine_choices']}), None  # rank 0's choices
 
 
 def take_jobs(config, plan, earlier, launch, store, device):

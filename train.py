@@ -221,7 +221,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
     TrainingDiverged on a NaN/inf loss.
     """
     start = time.time()
-    model.to(device)
+    model.to(device).use_flow_kernel(config.cpu_flow_kernel)
     prepare_extractor(model, config)
     optimizer = make_optimizer(model.nf, config)
     state = TrainingState()

@@ -18,6 +18,15 @@ MVTec AD as distributed: the same, plus pixel masks of the defective test images
     ├── test/{good, <defect type>, ...}/
     └── ground_truth/<defect type>/<name>_mask.png
 
+Magnetic Tile Defects (MTD) as distributed, one class named `mtd` (`--dataset_path <the MTD folder>
+--class_name mtd`); DifferNet's own split, shipped in splits/mtd_train_filenames.txt, names the 761
+defect-free training images; the other defect-free ones and every defective one are the test set:
+
+    <dataset_path>/
+    ├── MT_Free/Imgs/<name>.jpg      defect-free (grayscale JPEG, sizes vary), <name>.png beside each
+    └── MT_<Defect>/Imgs/<name>.jpg  Blowhole, Break, Crack, Fray, Uneven  -> label 1, type <defect>,
+                                     mask <name>.png beside it
+
 BTAD (BeanTech Anomaly Detection) as distributed (.bmp images in class 01, .png elsewhere):
 
     <dataset_path>/{01,02,03}/
@@ -31,7 +40,6 @@ Any image format Pillow reads is accepted (png, jpg, bmp, tif, ...); hidden file
 import contextlib
 import difflib
 import os
-from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -41,46 +49,37 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from errors import DataProblems, UserError
+from image_files import Sample, image_extensions, is_image_name, list_images  # noqa: F401  (the data API)
+from mtd import MTD_CLASS, find_mtd_samples, is_mtd_folder
 from tensor_views import jitter_like_pil, pil_to_uint8, place_images, rotate_nearest
 
+SUBSET_SEED_OFFSET = 3_000  # the few-shot subset's numpy seed, apart from the validation split's
 EXPECTED_TREE = ('<dataset_path>/<class>/train/good/*.png and <class>/test/{good,<defect type>}/*.png '
                  '(or BTAD: <class>/train/ok, <class>/test/{ok,ko})')
 NORMAL_FOLDERS = {'official': 'good', 'mvtec': 'good', 'btad': 'ok'}
 CPU_VIEW_BACKEND = 'pil'  # what view_backend 'auto' means on a CPU: the faster backend there (docs/gpu.md)
 
 
-def image_extensions():
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
-def is_image_name(name, extensions):
-    """Whether a file name is an image Pillow reads (by its extension) and not a hidden file."""
-    return not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions
-
-
-def list_images(folder):
-    """Sorted paths of the image files directly in `folder` (by extension Pillow knows)."""
-    extensions = image_extensions()
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if is_image_name(name, extensions) and os.path.isfile(os.path.join(folder, name)))
-
-
 def class_folders(dataset_path):
+    """The classes of `dataset_path`: its sub-folders, or ['mtd'] for the MTD folder itself."""
+    if is_mtd_folder(dataset_path):
+        return [MTD_CLASS]
     return sorted(name for name in os.listdir(dataset_path)
                   if os.path.isdir(os.path.join(dataset_path, name)) and not name.startswith('.'))
 
 
-class Sample(NamedTuple):
-    """One image: its path, label (0 normal, 1 anomalous), defect type (folder name) and mask, if any."""
-    path: str
-    label: int
-    defect_type: str
-    mask_path: Optional[str] = None
+def class_folder_of(dataset_path, class_name):
+    """The folder of a class: <dataset_path>/<class>, or the MTD folder itself for class 'mtd'."""
+    if class_name == MTD_CLASS and is_mtd_folder(dataset_path):
+        return dataset_path
+    return os.path.join(dataset_path, class_name)
 
 
 def detect_layout(class_root):
-    """'btad' (train/ok), 'mvtec' (good folders plus ground_truth/) or 'official' (good folders only)."""
+    """'mtd' (MT_Free/Imgs), 'btad' (train/ok), 'mvtec' (good folders plus ground_truth/) or 'official'
+    (good folders only)."""
+    if is_mtd_folder(class_root):
+        return 'mtd'
     if os.path.isdir(os.path.join(class_root, 'train', 'ok')):
         return 'btad'
     if os.path.isdir(os.path.join(class_root, 'ground_truth')):
@@ -107,6 +106,8 @@ def find_class_samples(dataset_path, class_name):
     """
     if not os.path.isdir(dataset_path):
         raise UserError(f'dataset path {dataset_path} does not exist; expected {EXPECTED_TREE}')
+    if class_name == MTD_CLASS and is_mtd_folder(dataset_path):
+        return find_mtd_samples(dataset_path)
     class_root = os.path.join(dataset_path, class_name)
     if not os.path.isdir(class_root):
         known = class_folders(dataset_path)
@@ -137,7 +138,7 @@ def scan_class(dataset_path, class_name, train_samples, test_samples):
     readable image: zero-byte, truncated or corrupt files, non-image files in the image folders. Modes
     other than RGB (grayscale, RGBA, palette, 16-bit) are fine: `load_rgb` converts them.
     """
-    class_root = os.path.join(dataset_path, class_name)
+    root = class_folder_of(dataset_path, class_name)
     problems, sizes = [], {}
     folders = sorted({os.path.dirname(sample.path) for sample in train_samples + test_samples})
     for folder in folders:
@@ -156,10 +157,10 @@ def scan_class(dataset_path, class_name, train_samples, test_samples):
     if len(areas) and areas.max() > 16 * areas.min():
         smallest = min(sizes, key=lambda path: sizes[path][0] * sizes[path][1])
         largest = max(sizes, key=lambda path: sizes[path][0] * sizes[path][1])
-        warnings.append(f'image sizes differ widely in {class_root}: {smallest} is {sizes[smallest]}, '
+        warnings.append(f'image sizes differ widely in {root}: {smallest} is {sizes[smallest]}, '
                         f'{largest} is {sizes[largest]}; all are resized to the same square input')
     if not any(sample.label for sample in test_samples):
-        warnings.append(f'{class_root}/test has no anomalous images: AUROC is not defined, only the test loss '
+        warnings.append(f'{root} has no anomalous test images: AUROC is not defined, only the test loss '
                         'is reported')
     return warnings
 
@@ -209,6 +210,21 @@ def split_validation(samples, fraction, seed):
             [s for i, s in enumerate(samples) if i in picked])
 
 
+def training_subset(samples, n_images, seed):
+    """The `n_images` training images of a few-shot run (n_train_images; 0 = all of `samples`): the first
+    n_images of a permutation drawn with numpy seed seed + SUBSET_SEED_OFFSET from the samples in sorted
+    order, kept sorted. The same files, K and seed give the same images on any machine, and the images of a
+    smaller K are among those of a larger one (a prefix of the same permutation)."""
+    samples = sorted(samples)
+    if n_images <= 0:
+        return samples
+    if n_images > len(samples):
+        raise UserError(f'n_train_images = {n_images} asks for more than the {len(samples)} training images '
+                        f'there are; lower it, or 0 for all')
+    order = np.random.RandomState(seed + SUBSET_SEED_OFFSET).permutation(len(samples))
+    return sorted(samples[i] for i in order[:n_images])
+
+
 def load_rgb(path):
     try:
         with Image.open(path) as image:
@@ -235,9 +251,10 @@ def color_jitter(config):
     return None
 
 
-def augment_transform(config, rotation_angle=None):
-    """A view after the (deterministic) resize, as the official Compose makes it: RandomRotation(180) (or the
-    fixed `rotation_angle`), optional ColorJitter, ToTensor, Normalize."""
+def pil_view_transform(config, rotation_angle=None):
+    """The random steps of the official per-view Compose after the (deterministic) resize, on the PIL image:
+    RandomRotation(180) (or the fixed `rotation_angle`), then the optional ColorJitter. ToTensor and
+    Normalize follow in `normalize_views`, batched."""
     steps = []
     if rotation_angle is not None:
         steps.append(transforms.Lambda(lambda image: TF.rotate(image, rotation_angle)))
@@ -246,8 +263,16 @@ def augment_transform(config, rotation_angle=None):
     jitter = color_jitter(config)
     if jitter is not None:
         steps.append(jitter)
-    steps += [transforms.ToTensor(), transforms.Normalize(config.norm_mean, config.norm_std)]
     return transforms.Compose(steps)
+
+
+def normalize_views(pixels, norm_mean, norm_std):
+    """uint8 views (..., 3, s, s) of any strides -> float32: /255 (ToTensor), then - mean and / std per
+    channel (Normalize), the official operations in their order, so the values are ToTensor + Normalize's to
+    the bit. Strides are kept: views made from PIL's (s, s, 3) pixels come out channels-last for free."""
+    mean = torch.tensor(norm_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(norm_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return pixels.float().div_(255).sub_(mean).div_(std)
 
 
 def fixed_angles(n_views):
@@ -262,7 +287,9 @@ def resolve_view_backend(name, device):
 
 
 class MultiViewDataset(Dataset):
-    """Each item is (views, label): `n_views` augmented copies of one image, stacked to (n, 3, s, s).
+    """Each item is (pixels, label): `n_views` augmented copies of one image as PIL made them, uint8
+    (n, s, s, 3); `batch_views` turns a collated batch into normalized float views (B, n, 3, s, s) on the
+    device (collating and copying uint8 moves a quarter of the bytes of float views).
 
     Random views draw from torch's global generator (the official behaviour), so a seeded run repeats
     them. With `view_seed` set, the views of item i are drawn from the seed (view_seed, i) instead,
@@ -299,9 +326,9 @@ class MultiViewDataset(Dataset):
         self.norm_mean, self.norm_std = tuple(config.norm_mean), tuple(config.norm_std)
         self.images = None  # tensor backend: uint8 (N, 3, s, s), made on first use by `image_tensor`
         if fixed_rotations:
-            self.view_transforms = [augment_transform(config, angle) for angle in self.angles]
+            self.view_transforms = [pil_view_transform(config, angle) for angle in self.angles]
         else:
-            self.view_transforms = [augment_transform(config)] * n_views
+            self.view_transforms = [pil_view_transform(config)] * n_views
 
     def __len__(self):
         return len(self.samples)
@@ -333,7 +360,22 @@ class MultiViewDataset(Dataset):
                 return self.draw_recipe(index), label
         image = self.resized_image(index)
         with self.view_stream(index):
-            return torch.stack([transform(image) for transform in self.view_transforms]), label
+            pixels = np.stack([np.asarray(transform(image)) for transform in self.view_transforms])
+        return torch.from_numpy(pixels), label
+
+    def batch_views(self, batch, device):
+        """The normalized views (B, n_views, 3, s, s) on `device` of a loader batch: PIL-made pixels are
+        copied (without blocking from pinned memory) and normalized there; tensor-backend recipes are made
+        into views on the device."""
+        if self.backend == 'tensor':
+            return self.make_views(batch, device)
+        pixels = batch.to(device, non_blocking=batch.is_pinned())
+        return normalize_views(pixels.permute(0, 1, 4, 2, 3), self.norm_mean, self.norm_std)
+
+    def views_of(self, index, device):
+        """The views (n_views, 3, s, s) of item `index` on `device`, contiguous, from either backend."""
+        item, _ = self[index]
+        return self.batch_views(torch.utils.data.default_collate([item]), device)[0].contiguous()
 
     def draw_recipe(self, index):
         """The random parameters of the item's views, drawn as RandomRotation(180) then ColorJitter draw
@@ -382,10 +424,7 @@ class MultiViewDataset(Dataset):
                                                       self.jitter.saturation)) if value is not None]
             views = jitter_like_pil(views, recipe['jitter_order'].reshape(-1, 4),
                                     recipe['jitter_factors'].reshape(-1, 3), enabled)
-        mean = torch.tensor(self.norm_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.norm_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        views = views.float().div(255).sub(mean).div(std)
-        return views.view(count, n_views, 3, size, size)
+        return normalize_views(views, self.norm_mean, self.norm_std).view(count, n_views, 3, size, size)
 
     @property
     def labels(self):

@@ -29,7 +29,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from atomic_files import read_json  # noqa: E402
 from demo_data import DEMO_CLASS, generate_demo_dataset  # noqa: E402
-from features import batch_views, extract_view_features, make_loader, prepare_extractor  # noqa: E402
+from features import extract_view_features, make_loader, prepare_extractor  # noqa: E402
 from jobs import run  # noqa: E402
 from model import DifferNet  # noqa: E402
 from settings import build_config  # noqa: E402
@@ -106,7 +106,7 @@ def view_making_rates(config, samples, device, repeats):
 
         def one_pass():
             for batch, _ in loader:
-                batch_views(dataset, batch, device)
+                dataset.batch_views(batch, device)
         seconds = seconds_per_call(one_pass, device, repeats)
         rates[backend] = round(len(samples) * config.n_transforms / seconds, 1)
         log(f'view making {backend}: {rates[backend]} views/s')

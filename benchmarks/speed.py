@@ -1,6 +1,7 @@
 """Speed and memory of DifferNet on this machine: prints one figure per line, asserts nothing.
 
     python benchmarks/speed.py                      # components: extraction, flow step, evaluation, loading
+    python benchmarks/speed.py --components breakdown limits   # a sub epoch's parts, GFLOP/s against the limits
     python benchmarks/speed.py --full_run default   # + wall time and peak memory of a whole class run
     python benchmarks/speed.py --full_run online --meta_epochs 4   # a shorter schedule of another mode
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python benchmarks/speed.py --components extraction flow
@@ -26,9 +27,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from alexnet_weights import load_imagenet_alexnet_features  # noqa: E402
-from features import (autocast, batch_views, extract_view_features, loader_features, make_loader,  # noqa: E402
+from features import (autocast, extract_view_features, loader_features, make_loader,  # noqa: E402
                       prepare_extractor, view_backend)
 from freia_funcs import nll_loss  # noqa: E402
+from hardware import choose_flow_kernel, linear_gflops, onednn_linear, onednn_product  # noqa: E402
 from model import DifferNet  # noqa: E402
 from settings import build_config  # noqa: E402
 from train import flow_step, make_optimizer, score_features  # noqa: E402
@@ -44,7 +46,7 @@ MODES = {
 }
 
 
-COMPONENTS = ['extraction', 'flow', 'loading', 'online', 'breakdown']
+COMPONENTS = ['extraction', 'flow', 'loading', 'online', 'breakdown', 'limits']
 
 
 def timed(function, repeats):
@@ -119,6 +121,37 @@ def bench_online_sub_epochs(state, dataset_path, class_name, bf16, num_workers, 
               f'{time.perf_counter() - start:6.1f} s', flush=True)
 
 
+def counted_gflop(function):
+    """GFLOP that `function` computes (matrix products and convolutions), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops() / 1e9
+
+
+def alexnet_gflop_per_view(model, config):
+    view = torch.zeros(1, 3, config.img_size, config.img_size)
+    with torch.no_grad():
+        return counted_gflop(lambda: model.features(view))
+
+
+def flow_step_gflop(model, config, n_rows):
+    features = torch.zeros(n_rows, model.n_features)
+    return counted_gflop(lambda: nll_loss(*model.nf(features)).backward())
+
+
+def bench_limits(n_rows, width, repeats):
+    """The fastest fp32 matrix products this CPU has: MKL (PyTorch's default) and oneDNN, on the flow's
+    largest shape (forward and both backward products) and on a square 2048^3 product."""
+    square = torch.randn(2048, 2048)
+    for label, linear, product in (('MKL (PyTorch default)', torch.nn.functional.linear, lambda a, b: a @ b),
+                                   ('oneDNN', onednn_linear, lambda a, b: onednn_product(a, b.t()))):
+        flow_shape = linear_gflops(linear, n_rows, width, repeats)
+        cube = 2 * 2048 ** 3 / timed(lambda: product(square, square), repeats) / 1e9
+        print(f'fp32 matrix products, {label:22s}: {flow_shape:6.0f} GFLOP/s on {n_rows} x {width} by {width} x '
+              f'{width} (forward + backward), {cube:6.0f} GFLOP/s on 2048^3', flush=True)
+
+
 def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads):
     """Where one on-line sub epoch's time goes: view making (loader and device copy), AlexNet, the flow's
     forward pass and loss, backward, zero_grad + Adam step, and the rest (the difference to the wall time
@@ -129,6 +162,9 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
     device = torch.device('cpu')
     torch.manual_seed(0)
     model = DifferNet(config, state)
+    kernel, kernel_line = choose_flow_kernel(config.cpu_flow_kernel, device, bf16,
+                                             config.batch_size * config.n_transforms, config.fc_internal)
+    model.use_flow_kernel(kernel)
     prepare_extractor(model, config)
     optimizer = make_optimizer(model.nf, config)
     train, _ = find_class_samples(dataset_path, class_name)
@@ -145,7 +181,7 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
             parts[name] += now - mark
             mark = now
         for batch, _ in loader:
-            views = batch_views(dataset, batch, device)
+            views = dataset.batch_views(batch, device)
             lap('views')
             features = extract_view_features(model, views.view(-1, *views.shape[2:]), config)
             lap('extraction')
@@ -164,6 +200,12 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
     print(f'sub epoch breakdown ({label}; {len(train)} {class_name} images x {config.n_transforms} views): '
           + ', '.join(f'{name} {seconds:.1f} s' for name, seconds in parts.items())
           + f', rest {rest:.1f} s; total {total:.1f} s', flush=True)
+    n_views, n_steps = len(train) * config.n_transforms, -(-len(train) // config.batch_size)
+    alexnet = alexnet_gflop_per_view(model, config) * n_views / parts['extraction']
+    flow = flow_step_gflop(model, config, config.batch_size * config.n_transforms) * n_steps / (
+        parts['flow forward + loss'] + parts['backward'])
+    print(f'  {kernel_line}\n  AlexNet {alexnet:.0f} GFLOP/s ({alexnet_gflop_per_view(model, config):.2f} GFLOP per '
+          f'{config.n_scales}-scale view); flow forward + backward {flow:.0f} GFLOP/s', flush=True)
 
 
 def full_run(mode, args):
@@ -215,6 +257,8 @@ def main():
         if 'online' in args.components:
             for bf16, num_workers in ((False, 0), (False, 1), (True, 0), (True, 1)):
                 bench_online_sub_epochs(state, args.dataset_path, args.class_name, bf16, num_workers)
+        if 'limits' in args.components:
+            bench_limits(96, 2048, args.repeats)
         if 'breakdown' in args.components:
             for bf16, keep_grads in ((False, False), (False, True), (True, False), (True, True)):
                 bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, bf16, keep_grads)

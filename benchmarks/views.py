@@ -19,7 +19,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from features import batch_views, make_loader  # noqa: E402
+from features import make_loader  # noqa: E402
 from settings import build_config  # noqa: E402
 from utils import MultiViewDataset, find_class_samples  # noqa: E402
 
@@ -35,7 +35,7 @@ def views_per_second(samples, n_views, images_per_batch, backend, config, device
 
     def one_pass():
         for batch, _ in loader:
-            batch_views(dataset, batch, device)
+            dataset.batch_views(batch, device)
         synchronize(device)
 
     one_pass()  # decodes and resizes (both backends keep the resized images), warms up kernels

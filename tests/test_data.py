@@ -37,9 +37,12 @@ def test_any_pillow_extension_and_hidden_files_ignored(official_tree):
 def test_views_shape_and_normalization(official_tree):
     config = tiny_config()
     train, _ = find_class_samples(str(official_tree), 'widget')
-    views, label = MultiViewDataset(train, 3, config)[0]
-    assert views.shape == (3, 3, 64, 64) and label == 0
-    assert views.dtype == torch.float32
+    dataset = MultiViewDataset(train, 3, config)
+    pixels, label = dataset[0]
+    assert pixels.shape == (3, 64, 64, 3) and pixels.dtype == torch.uint8 and label == 0
+    views = dataset.views_of(0, torch.device('cpu'))
+    assert views.shape == (3, 3, 64, 64) and views.dtype == torch.float32
+    assert -2.2 < float(views.min()) and float(views.max()) < 2.7  # (x / 255 - mean) / std
 
 
 def test_random_views_follow_torch_seed(official_tree):
@@ -71,7 +74,7 @@ def test_kept_images_give_the_views_of_the_official_per_view_transform(official_
     after_official = torch.rand(1)
     dataset = MultiViewDataset(samples, 4, config, keep_images=True)
     torch.manual_seed(3)
-    got = [dataset[i % 2][0] for i in range(4)]  # the second pass reads the kept images
+    got = [dataset.views_of(i % 2, torch.device('cpu')) for i in range(4)]  # the second pass reads kept images
     assert len(dataset.kept_images) == 2
     for a, b in zip(expected, got):
         assert torch.equal(a, b)

@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from official_views import views_of
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-import features
 from conftest import DATA_DIR, REPO_ROOT, cuda, tiny_config
 from demo_data import generate_demo_dataset
 from errors import UserError
@@ -43,7 +41,7 @@ def both_backends(samples, n_views, config, **options):
 def loader_views(dataset, device, shuffle, batch_size=2):
     """Every batch of views of a seeded loader pass, and the next number of the global stream after it."""
     torch.manual_seed(11)
-    batches = [features.batch_views(dataset, batch, device).cpu()
+    batches = [dataset.batch_views(batch, device).cpu()
                for batch, _ in make_loader(dataset, batch_size, shuffle, tiny_config(), device)]
     return batches, torch.rand(1).item()
 
@@ -77,9 +75,9 @@ def test_view_seeded_and_fixed_rotation_views_equal_the_pil_ones(demo_root, fixe
     _, samples = find_class_samples(demo_root, 'demo_washer')
     pil, tensor = both_backends(samples, 8, config, view_seed=5, fixed_rotations=fixed_rotations)
     torch.manual_seed(1)  # the global stream must not matter with a view seed
-    expected = torch.stack([pil[i][0] for i in range(len(pil))])
+    expected = torch.stack([pil.views_of(i, CPU) for i in range(len(pil))])
     torch.manual_seed(2)
-    got = torch.stack([views_of(tensor, i, CPU) for i in range(len(tensor))])
+    got = torch.stack([tensor.views_of(i, CPU) for i in range(len(tensor))])
     assert torch.equal(expected, got)
 
 
@@ -151,8 +149,8 @@ def test_bottle_views_pixels_match_pil(bottle_images):
     point, which rotate_nearest reproduces). The bound leaves room for another Pillow's rounding."""
     config = build_bottle_config()
     pil, tensor = both_backends(bottle_images, 16, config, view_seed=9)
-    expected = torch.stack([pil[i][0] for i in range(len(pil))])
-    got = torch.stack([views_of(tensor, i, CPU) for i in range(len(tensor))])
+    expected = torch.stack([pil.views_of(i, CPU) for i in range(len(pil))])
+    got = torch.stack([tensor.views_of(i, CPU) for i in range(len(tensor))])
     differing_pixels = (expected != got).any(dim=2).float().mean().item()
     assert differing_pixels <= 1e-4
     assert (expected - got).abs().max().item() <= 2.2  # at most one whole pixel swapped, in normalized units
@@ -165,8 +163,8 @@ def test_bottle_features_through_the_real_extractor_match_pil(bottle_images):
     config = build_bottle_config()
     model = DifferNet(config, state).eval()
     pil, tensor = both_backends(bottle_images[:4], 8, config, view_seed=9)
-    expected = extract_view_features(model, torch.cat([pil[i][0] for i in range(len(pil))]), config)
-    got = extract_view_features(model, torch.cat([views_of(tensor, i, CPU) for i in range(len(tensor))]), config)
+    expected = extract_view_features(model, torch.cat([pil.views_of(i, CPU) for i in range(len(pil))]), config)
+    got = extract_view_features(model, torch.cat([tensor.views_of(i, CPU) for i in range(len(tensor))]), config)
     relative = ((expected - got).norm() / expected.norm()).item()
     assert relative <= 1e-4
 

@@ -16,6 +16,7 @@ from conftest import GOLDEN_DIR, require_data, tiny_config
 from features import extract_view_features, prepare_extractor
 from freia_funcs import DifferNetFlow
 from model import DifferNet
+from hardware import onednn_linear
 from train import flow_step, make_optimizer
 from utils import MultiViewDataset, Sample, load_rgb
 
@@ -38,8 +39,8 @@ def train_step_golden():
     return torch.load(os.path.join(GOLDEN_DIR, 'train_step_reference.pt'), weights_only=True)
 
 
-@pytest.mark.parametrize('adam_fused', [False, True])
-def test_reproduces_official_training_steps(train_step_golden, adam_fused):
+@pytest.mark.parametrize('adam_fused, kernel', [(False, 'default'), (True, 'default'), (True, 'onednn')])
+def test_reproduces_official_training_steps(train_step_golden, adam_fused, kernel):
     golden = train_step_golden
     reference = golden['config']
     # everything that decides the numbers comes from config.py (the paper's values), as in a real run;
@@ -51,6 +52,8 @@ def test_reproduces_official_training_steps(train_step_golden, adam_fused):
         for k, subnet, fc, linear in coupling_linears(flow):
             linear.weight.copy_(golden['initial_couplings'][k][subnet][fc]['weight'])
             linear.bias.copy_(golden['initial_couplings'][k][subnet][fc]['bias'])
+    if kernel == 'onednn':  # the same update with the products through oneDNN (cpu_flow_kernel onednn)
+        flow.use_linear(onednn_linear)
     flow.train()
     model = types.SimpleNamespace(nf=flow)  # flow_step only touches model.nf
     optimizer = make_optimizer(flow, config)
@@ -110,7 +113,7 @@ def test_random_rotation_views_reproduce_official(views_golden, paper_extractor,
     dataset = MultiViewDataset([Sample(path, 0, 'good', None) for path in paths], 1, config)
     for a, angle in enumerate(views_golden['angles_degrees']):
         monkeypatch.setattr(transforms.RandomRotation, 'get_params', staticmethod(lambda degrees: angle))
-        views = torch.cat([dataset[i][0] for i in range(len(paths))])
+        views = torch.cat([dataset.views_of(i, torch.device('cpu')) for i in range(len(paths))])
         features = extract_view_features(model, views, config)
         for i, relative in enumerate(views_golden['features']):
             assert_matches_official(features[i], views_golden['features'][relative][a], f'{relative} at {angle}')

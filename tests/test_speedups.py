@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_config
 from features import collect_features, fixed_view_features, make_loader
+import hardware
 from hardware import bf16_pays_off, choose_precision
 from main import main as main_entry
 from model import DifferNet
@@ -31,8 +32,9 @@ def test_pool_and_test_cache_equal_the_online_features_for_the_same_view_seeds(o
         online_set = MultiViewDataset(samples, 5, config, view_seed=123)
         loader = torch.utils.data.DataLoader(online_set, batch_size=2, shuffle=True)
         seen = 0
-        for views, batch_labels in loader:
-            flat = views.view(-1, *views.shape[2:])
+        for batch, batch_labels in loader:
+            views = online_set.batch_views(batch, DEVICE)
+            flat = views.reshape(-1, *views.shape[2:])
             with torch.no_grad():
                 online = model.features(flat).view(views.shape[0], 5, -1)
             for features in online:
@@ -120,21 +122,54 @@ def test_precision_auto_takes_bf16_only_where_it_pays_off_and_says_why():
     assert 'cpu has no native bfloat16' in line
     assert choose_precision(True, True, 'why') == (True, 'precision: bfloat16 (bf16_autocast true)')
     off, line = choose_precision(False, True, 'cpu has AMX')
-    assert not off and 'as the paper; cpu has AMX' in line and '--bf16_autocast auto would use it' in line
+    assert not off and 'as the paper; cpu has AMX' in line and '--bf16_autocast auto measures whether' in line
     off, line = choose_precision(False, False, 'cpu has no native bfloat16')
-    assert not off and 'would use it' not in line
+    assert not off and 'measures whether' not in line
 
 
 @pytest.mark.parametrize('amx, avx512_bf16, expected, reason', [
     (True, True, True, 'cpu has AMX'),
-    (False, True, False, 'cpu has AVX512-BF16 but no AMX'),  # native, yet measured slower than fp32
+    (False, True, False, 'cpu has AVX512-BF16 without AMX'),  # native, but unmeasured: no claim of speed
     (False, False, False, 'cpu has no native bfloat16'),
 ])
-def test_cpu_bf16_pays_off_only_with_amx(monkeypatch, amx, avx512_bf16, expected, reason):
+def test_cpu_bf16_guess_without_measuring(monkeypatch, amx, avx512_bf16, expected, reason):
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, raising=False)
     fast, why = bf16_pays_off(torch.device('cpu'))
-    assert fast is expected and why.startswith(reason)
+    assert fast is expected and why == reason
+
+
+@pytest.mark.parametrize('amx, speedup, expected', [(False, 1.6, True), (True, 0.9, False), (True, 1.1, False)])
+def test_cpu_bf16_auto_follows_the_measurement_not_the_vendor(monkeypatch, amx, speedup, expected):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True, raising=False)
+    monkeypatch.setattr(hardware, 'bf16_convolution_speedup', lambda: speedup)
+    fast, why = bf16_pays_off(torch.device('cpu'), measure=True)
+    assert fast is expected and f'measured now: bfloat16 convolutions {speedup:.1f}x as fast as float32' in why
+    use_bf16, line = choose_precision('auto', fast, why)
+    assert use_bf16 is expected and 'measured now' in line
+
+
+def test_cpu_bf16_measurement_runs_here():
+    assert hardware.bf16_convolution_speedup(repeats=1) > 0
+
+
+@pytest.mark.parametrize('default_gflops, onednn_gflops, expected', [(180.0, 400.0, 'onednn'), (300.0, 310.0, 'default'),
+                                                                     (300.0, 200.0, 'default')])
+def test_flow_kernel_auto_takes_onednn_only_where_measured_faster(monkeypatch, default_gflops, onednn_gflops, expected):
+    measured = {torch.nn.functional.linear: default_gflops, hardware.onednn_linear: onednn_gflops}
+    monkeypatch.setattr(hardware, 'linear_gflops', lambda linear, n_rows, width: measured[linear])
+    kernel, line = hardware.choose_flow_kernel('auto', torch.device('cpu'), False, 96, 2048)
+    assert kernel == expected and f'MKL {default_gflops:.0f}, oneDNN {onednn_gflops:.0f} GFLOP/s' in line
+
+
+def test_flow_kernel_explicit_gpu_and_bf16_choices():
+    cpu = torch.device('cpu')
+    assert hardware.choose_flow_kernel('onednn', cpu, False, 96, 2048)[0] == 'onednn'
+    assert hardware.choose_flow_kernel('default', cpu, False, 96, 2048)[0] == 'default'
+    assert hardware.choose_flow_kernel('onednn', torch.device('cuda'), False, 96, 2048)[0] == 'default'
+    assert hardware.choose_flow_kernel('onednn', cpu, True, 96, 2048)[0] == 'default'  # autocast's own kernels
+    assert hardware.linear_gflops(hardware.onednn_linear, 8, 64, repeats=1) > 0  # the measurement runs here
 
 
 def test_cpu_check_without_torch_support_says_float32(monkeypatch):
@@ -156,12 +191,13 @@ def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
     """device 'auto' and bf16_autocast 'auto': a CUDA GPU with bf16 gets bf16; without CUDA, a CPU without
     AMX gets float32. The config handed on holds the choice, not 'auto'."""
     from hardware import resolve_device
-    from jobs import with_precision
+    from jobs import with_machine_choices
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
     device = resolve_device('auto')
-    config, line = with_precision(tiny_config(bf16_autocast='auto'), device)
+    monkeypatch.setattr(hardware, 'bf16_convolution_speedup', lambda: 0.9)  # a CPU where bf16 measures slower
+    config, (line, _) = with_machine_choices(tiny_config(bf16_autocast='auto'), device)
     assert device.type == ('cuda' if cuda_present else 'cpu')
     assert config.bf16_autocast is cuda_present
     assert line.startswith('precision: bfloat16 (bf16_autocast auto: cuda' if cuda_present
@@ -171,7 +207,7 @@ def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
 @pytest.mark.parametrize('native', [True, False])
 def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tmp_path, monkeypatch, capsys, native):
     import jobs
-    monkeypatch.setattr(jobs, 'bf16_pays_off', lambda device: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
+    monkeypatch.setattr(jobs, 'bf16_pays_off', lambda device, measure: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
     out = tmp_path / 'run'
     assert main_entry(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(out),
                        '--img_size', '64', '--n_scales', '1', '--n_coupling_blocks', '2', '--fc_internal', '32',
