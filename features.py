@@ -100,17 +100,18 @@ def collect_features(model, loader, device, config, description=''):
 
 
 def fixed_view_features(model, samples, n_views, view_seed, config, device, description, log=print,
-                        fixed_rotations=False):
+                        fixed_rotations=False, images=None):
     """Features (N_images, n_views, D) of views drawn once from `view_seed`, from the disk cache when
-    it holds exactly these files, settings, seed and weights; computed (and stored) otherwise.
+    it holds exactly these files, settings, seed and weights; computed (and stored) otherwise. With
+    `images` (RGB PIL images, one per sample, in memory) the views are made from them, never cached.
 
     Either way torch's global random stream is left as it was (a DataLoader draws its base seed from
     it even without workers), so training runs the same whether the features came from the cache."""
     with torch.random.fork_rng(devices=[]):
         dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed,
-                                   backend=view_backend(config, device))
+                                   backend=view_backend(config, device), images=images)
         key = None
-        if config.feature_cache:
+        if config.feature_cache and images is None:
             key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config,
                                     device)
             cached = load_cached_features(config.feature_cache_dir, key)

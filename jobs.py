@@ -18,11 +18,11 @@ from disk import disk_text
 from errors import UserError
 from hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
 from localization import localize_class
-from metrics import defect_type_aurocs
+from metrics import defect_type_aurocs, f1_at_threshold, f1_max
 from model import build_model, save_checkpoint
 from paper_values import deviations_from_paper
 from report import results_markdown, write_results_files
-from scoring import reference_view_features, score_statistics, scores_of_features
+from scoring import decision_threshold, reference_view_features, score_statistics, scores_of_features
 from settings import build_config, file_stem, requested_class_names, run_seeds, validate_config
 from train import TrainingDiverged, seed_everything, train_class
 from utils import (class_folder_of, class_folders, detect_layout, find_class_samples, scan_class, split_validation,
@@ -246,9 +246,13 @@ def finish_class(model, config, save, test_samples, device, results_dir, stem, h
     added = {}
     if config.save_checkpoint:  # off, the reference views are never extracted either
         checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
-        save(checkpoint_path, history)
+        statistics = save(checkpoint_path, history)
         print(f'Checkpoint: {checkpoint_path}', flush=True)
         added['checkpoint'] = os.path.basename(checkpoint_path)
+        threshold, _ = decision_threshold(statistics, config.threshold_fpr)
+        added['checkpoint_threshold'] = threshold  # what --score decides with, at threshold_fpr
+        added['f1_at_checkpoint_threshold'] = f1_at_threshold(history['test_labels'], history['test_scores'],
+                                                              threshold)
     if config.grad_map_viz:
         added.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem),
                                     log=lambda line: print(line, flush=True)))
@@ -256,7 +260,7 @@ def finish_class(model, config, save, test_samples, device, results_dir, stem, h
 
 
 def checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device):
-    """save(path, history): writes the checkpoint of `model` as it is now, with the score statistics of
+    """save(path, history) -> the score statistics: writes the checkpoint of `model` as it is now, with the score statistics of
     defect-free images at the fixed rotations: the validation images, and `max_reference_images` of the
     training images (evenly spaced in sorted order; 0 = all). Their features are extracted at the first
     save only; later saves rerun just the flow."""
@@ -281,6 +285,7 @@ def checkpoint_saver(model, config, weights_source, class_name, train_samples, v
                 files = [os.path.relpath(sample.path, config.dataset_path) for sample in samples]
                 statistics[name] = score_statistics(scores_of_features(model, features[name], config), files)
         save_checkpoint(path, model, config, weights_source, history, statistics, class_name)
+        return statistics
 
     return save
 
@@ -302,6 +307,7 @@ def class_entry(config, class_name, layout, weights_source, train_samples, test_
                  test_mask_files=[sample.mask_path and os.path.relpath(sample.mask_path, config.dataset_path)
                                   for sample in test_samples])
     if history.get('test_scores'):
+        entry['f1_max_last'], entry['f1_max_threshold_last'] = f1_max(history['test_labels'], history['test_scores'])
         entry['defect_type_auroc_last'] = defect_type_aurocs(defect_types, history['test_labels'],
                                                              history['test_scores'])
         entry['defect_type_auroc_best'] = defect_type_aurocs(defect_types, history['test_labels'],

@@ -87,13 +87,15 @@ def combine_views(maps):
     return np.abs(maps).mean(axis=(0, 1)) ** 2
 
 
-def gradient_map(model, image_path, config, device):
-    """(map (s, s) numpy, score) of one image: the module docstring's formula with n_transforms_test
-    views at the fixed angles. Puts `model` in eval mode (dropout off) first."""
+def gradient_map(model, image_path, config, device, image=None):
+    """(map (s, s) numpy, score) of one image (its file, or `image`, an RGB PIL image in memory): the module
+    docstring's formula with n_transforms_test views at the fixed angles. Puts `model` in eval mode (dropout
+    off) first."""
     model.eval()
     angles = fixed_angles(config.n_transforms_test)
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
-                               view_seed=config.seed + TEST_VIEW_SEED_OFFSET)  # colour jitter draws as the test views
+                               view_seed=config.seed + TEST_VIEW_SEED_OFFSET,  # colour jitter draws as the test views
+                               images=None if image is None else [image])
     views = dataset.views_of(0, device)
     gradients, score = input_gradients(model, views, extract_batch_size(config, device))
     heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))

@@ -60,6 +60,8 @@ def parse_command_line(argv):
                          'score at threshold_fpr on the defect-free images the checkpoint holds)')
     scoring.add_argument('--score_out', default='scores.csv', metavar='CSV', help='where the scores go (default: scores.csv)')
     scoring.add_argument('--maps', default='', metavar='DIR', help='also write a gradient-map PNG per image into DIR')
+    scoring.add_argument('--export', metavar='FILE.onnx', help='write the checkpoint as an ONNX model of the scoring '
+                         'path, with FILE.json beside it (docs/usage.md)')
     args = parser.parse_args(argv)
     return build_config(**{name: getattr(args, name) for name in defaults}), args
 
@@ -71,6 +73,12 @@ def raise_keyboard_interrupt(signal_number, frame):
 def run_command(argv, launch):
     """Runs the command of `argv`; returns (failed runs, runs done)."""
     config, args = parse_command_line(argv)
+    if args.export:
+        if launch or args.score:
+            raise UserError('--export runs alone in one process: python main.py --export FILE --checkpoint FILE')
+        from export import export_command  # loads torch and onnxruntime: only for this command
+        export_command(config, args)
+        return 0, 1
     if args.score or args.checkpoint:
         if launch:
             raise UserError('--score runs in one process: python main.py --score ..., not under torchrun')

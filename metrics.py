@@ -26,6 +26,30 @@ def auroc_or_nan(labels, scores):
     return float(roc_auc_score(labels, scores))
 
 
+def f1_max(labels, scores):
+    """(the best image-level F1 over all thresholds, the threshold that gives it): anomalous when
+    score > threshold; (nan, nan) when only one label is present."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        return float('nan'), float('nan')
+    candidates = np.unique(scores)
+    # the thresholds between neighbouring scores, and one below all: every distinct decision once
+    thresholds = np.r_[candidates[0] - 1.0, candidates[:-1]]
+    values = [f1_at_threshold(labels, scores, threshold) for threshold in thresholds]
+    best = int(np.argmax(values))
+    return float(values[best]), float(thresholds[best])
+
+
+def f1_at_threshold(labels, scores, threshold):
+    """Image-level F1 of the decision score > threshold (anomalous = label 1)."""
+    labels, predicted = np.asarray(labels) == 1, np.asarray(scores, dtype=np.float64) > threshold
+    true_positives = int(np.sum(labels & predicted))
+    if true_positives == 0:
+        return 0.0
+    precision, recall = true_positives / int(np.sum(predicted)), true_positives / int(np.sum(labels))
+    return 2 * precision * recall / (precision + recall)
+
+
 def defect_type_aurocs(defect_types, labels, scores):
     """{defect type: AUROC of that type's images against the normal test images}."""
     defect_types, labels, scores = np.asarray(defect_types), np.asarray(labels), np.asarray(scores)

@@ -147,7 +147,7 @@ def load_checkpoint(path, config):
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist; give the <class>_checkpoint.pt of a training run')
     try:
-        stored = torch.load(path, map_location='cpu', weights_only=True)
+        stored = load_tensors(path)
     except Exception as error:
         raise UserError(f'checkpoint {path} cannot be read ({type(error).__name__}); give a file written '
                         f'by a training run or the official save_weights') from None
@@ -174,6 +174,15 @@ def load_checkpoint(path, config):
     else:
         model.nf.load_state_dict(checkpoint['flow_state'])
     return model.eval(), checkpoint
+
+
+def load_tensors(path):
+    """torch.load of a checkpoint, memory-mapped where the file allows it (the zip format torch.save writes):
+    the flow's weights are read from the page cache as they are used instead of copied in first."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:  # an older, non-zip file
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def checkpoint_from_official(state, path, config):

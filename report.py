@@ -13,8 +13,8 @@ from plots import write_auroc_plot, write_class_plots, write_paper_comparison_pl
 from references import has_references
 from report_html import report_html
 from settings import file_stem
-from summary import (CSV_REFERENCE_COLUMNS, REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text,
-                     summary_header)
+from summary import (CSV_REFERENCE_COLUMNS, F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text,
+                     in_progress_text, summary_header)
 
 
 def markdown_table(header, rows):
@@ -39,6 +39,9 @@ def results_markdown(results, deviations, summary=None):
                   markdown_table(['Class', 'Last AUROC', 'Max AUROC'] + [title for _, title in REFERENCE_COLUMNS],
                                  summary['comparison_rows']), '']
         parts += [f'- {note}' for note in summary['reference_notes']]
+    if summary['f1_rows']:
+        parts += ['', '## Image-level F1 (ours: not reported by the paper)', '',
+                  markdown_table(F1_HEADER, summary['f1_rows'])]
     if summary['defect_rows']:
         parts += ['', '## AUROC per defect type (each type against the good test images)', '',
                   markdown_table(['Class', 'Defect type', 'AUROC (last epoch)', 'AUROC (max epoch)'],
@@ -58,10 +61,12 @@ def results_csv(results, summary=None):
                     + (['pixel_auroc'] if summary['with_pixels'] else []) + CSV_REFERENCE_COLUMNS)
     writer.writerows(row + cells for row, cells in zip(summary['rows'], summary['csv_references']))
     writer.writerow([])
-    writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s'])
+    writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s', 'f1_max_last',
+                     'f1_max_threshold_last', 'f1_at_checkpoint_threshold'])
     for run in results['classes']:
         writer.writerow([run['class_name'], run['seed'], run['last_auroc'], run['max_auroc'],
-                         run['max_auroc_epoch'], run['wall_time_s']])
+                         run['max_auroc_epoch'], run['wall_time_s'], run.get('f1_max_last'),
+                         run.get('f1_max_threshold_last'), run.get('f1_at_checkpoint_threshold')])
     return buffer.getvalue()
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 from localization import map_png_name
 from references import as_float, runs_by_class
 from settings import file_stem
-from summary import REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text, mean_std_text, summary_header
+from summary import (F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text, mean_std_text,
+                     summary_header)
 
 MAX_GALLERY_MAPS = 12  # gradient maps shown per class in report.html: enough to judge them, the page stays small
 REPORT_CSS = """
@@ -192,6 +193,8 @@ def report_html(results_dir, results, deviations, summary=None):
     notes = summary['reference_notes'] + summary['notes']
     if notes:
         parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(note)}</li>' for note in notes) + '</ul>')
+    if summary['f1_rows']:
+        parts += ['<h2>Image-level F1 (ours, not in the paper)</h2>', html_table(F1_HEADER, summary['f1_rows'])]
     for failure in results.get('failed') or []:
         parts.append(f'<p class="warn">Failed: {html.escape(failure_text(failure))}</p>')
     if results.get('in_progress'):

@@ -5,19 +5,22 @@ import csv
 import io
 import math
 import os
+import time
 import types
+from typing import NamedTuple, Optional
 
 import numpy as np
+from PIL import Image
 
 from atomic_files import write_text_atomic
 from errors import UserError
 from features import TEST_VIEW_SEED_OFFSET, fixed_view_features, prepare_extractor
 from hardware import resolve_device
-from localization import export_map, map_file_name
+from localization import export_map, gradient_map, map_file_name
 from model import load_checkpoint
-from settings import validate_threshold_fpr
+from settings import build_config, validate_threshold_fpr
 from train import score_features
-from utils import Sample, image_extensions, image_problems, is_image_name
+from utils import Sample, image_extensions, image_problems, is_image_name, to_rgb
 
 SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
 
@@ -73,14 +76,16 @@ def collect_images(paths):
     return found
 
 
-def write_scores_csv(path, rows):
-    """CSV with a header `file,score,decision`, one row per image, written atomically."""
+def write_scores_csv(path, results):
+    """CSV with a header `file,raw_score,score,decision` (score: the 0..1 form), one row per ImageScore,
+    written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = io.StringIO(newline='')
     writer = csv.writer(text)
-    writer.writerow(['file', 'score', 'decision'])
-    for file, score, decision in rows:
-        writer.writerow([file, f'{score:.9g}', decision])  # 9 digits: a float32 exactly
+    writer.writerow(['file', 'raw_score', 'score', 'decision'])
+    for result in results:  # 9 digits: a float32 exactly
+        writer.writerow([result.name, f'{result.raw:.9g}', f'{result.score:.6f}',
+                         'anomalous' if result.anomalous else 'good'])
     write_text_atomic(path, text.getvalue())
 
 
@@ -93,12 +98,12 @@ def prepare_model(model, settings, device):
     return model.eval()
 
 
-def reference_view_features(model, samples, settings, device, description, log=print):
+def reference_view_features(model, samples, settings, device, description, log=print, images=None):
     """Features (N, n_views, D) of `samples` at the fixed rotations, with the view seed of the test views
     (it matters only with colour jitter on), so that scores match a run with fixed_test_rotations."""
     features, _ = fixed_view_features(model, samples, settings.n_transforms_test,
                                       settings.seed + TEST_VIEW_SEED_OFFSET, settings, device, description,
-                                      log, fixed_rotations=True)
+                                      log, fixed_rotations=True, images=images)
     return features
 
 
@@ -117,44 +122,135 @@ def scoring_settings(checkpoint_settings, config):
     return types.SimpleNamespace(**values)
 
 
+class ImageScore(NamedTuple):
+    """The score of one image: `raw` (the mean z^2 over its views), `score` (raw on 0..1, the threshold at
+    0.5: `normalized_scores`), the decision, and its gradient map (s, s) when asked for."""
+    name: str
+    raw: float
+    score: float
+    anomalous: bool
+    gradient_map: Optional[np.ndarray] = None
+
+
+def score_normalization(reference_scores, threshold):
+    """{'threshold', 'exponent'} of the 0..1 scale: score = 1 / (1 + (threshold / raw) ** exponent), i.e. a
+    logistic curve in log(raw) centred on the threshold (raw scores span orders of magnitude: about 1 for
+    defect-free images, up to 1e12 for defective ones). The exponent puts the median defect-free reference
+    score (held-out images, else training ones) at 0.25: exponent = ln 3 / ln(threshold / median); 1 where
+    there is no such median below the threshold (an official checkpoint and --threshold)."""
+    stats = (reference_scores or {}).get('validation') or (reference_scores or {}).get('training')
+    median = stats['quantiles']['0.5'] if stats else None
+    exponent = math.log(3) / math.log(threshold / median) if median and 0 < median < threshold else 1.0
+    return {'threshold': float(threshold), 'exponent': float(exponent)}
+
+
+def normalized_scores(raw_scores, normalization):
+    """Raw scores (> 0) on the 0..1 scale of `score_normalization`: monotone, the threshold at 0.5."""
+    logit = normalization['exponent'] * (np.log(np.maximum(np.asarray(raw_scores, dtype=np.float64), 1e-300))
+                                         - math.log(normalization['threshold']))
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -700, 700)))
+
+
+def as_rgb_image(image):
+    """An RGB PIL image from a PIL image or a uint8 array (h, w), (h, w, 3) or (h, w, 4)."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise UserError(f'an image array must be uint8 (h, w), (h, w, 3) or (h, w, 4), got {array.dtype} '
+                        f'{tuple(array.shape)}; convert it with numpy.asarray(image, dtype=numpy.uint8)')
+    return to_rgb(Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array))
+
+
+class Scorer:
+    """A trained DifferNet, loaded once, that scores images: files, PIL images or uint8 arrays.
+
+        scorer = Scorer('results/RUN/bottle_checkpoint.pt')
+        for result in scorer.score(['part_001.png', pil_image, uint8_array]):
+            print(result.name, result.raw, result.score, result.anomalous)
+
+    `config` gives the device, threshold_fpr and the like (config.py's values by default); the checkpoint
+    fixes everything that shapes a score. `threshold` overrides the one from the checkpoint's defect-free
+    reference scores.
+    """
+
+    def __init__(self, checkpoint_path, config=None, threshold=None, log=print):
+        config = config or build_config()
+        validate_threshold_fpr(config)
+        self.checkpoint_path = checkpoint_path
+        self.model, self.checkpoint = load_checkpoint(checkpoint_path, config)
+        self.settings = scoring_settings(self.checkpoint['settings'], config)
+        self.threshold, self.threshold_origin = decision_threshold(
+            self.checkpoint['reference_scores'], config.threshold_fpr, threshold, checkpoint_path)
+        self.normalization = score_normalization(self.checkpoint['reference_scores'], self.threshold)
+        self.device = resolve_device(config.device)
+        prepare_model(self.model, self.settings, self.device)
+        self.log = log
+
+    def raw_scores(self, images, names):
+        """The mean z^2 of each image (an RGB PIL image, or None: the file `name`), its n_transforms_test
+        views at the fixed rotations batched through AlexNet and the flow."""
+        samples = [Sample(name, -1, '') for name in names]
+        features = reference_view_features(self.model, samples, self.settings, self.device, 'scored images',
+                                           self.log, images=images)
+        return scores_of_features(self.model, features, self.settings)
+
+    def score(self, images, maps=False):
+        """[ImageScore] of `images` (paths, PIL images or uint8 arrays), in order; with `maps` each with its
+        gradient map."""
+        is_file = [isinstance(image, (str, os.PathLike)) for image in images]
+        names = [str(image) if file else f'<image {i}>' for i, (image, file) in enumerate(zip(images, is_file))]
+        for name, file in zip(names, is_file):
+            if file and not os.path.isfile(name):
+                raise UserError(f'cannot read image {name} (no such file); give an image file, a PIL image or a '
+                                'uint8 array')
+        # files are read when their views are made, one at a time; images in memory are used as they are
+        decoded = [None if file else as_rgb_image(image) for image, file in zip(images, is_file)]
+        raw = self.raw_scores(decoded, names)
+        scores = normalized_scores(raw, self.normalization)
+        results = []
+        for name, image, raw_score, score in zip(names, decoded, raw, scores):
+            heat = gradient_map(self.model, name, self.settings, self.device, image=image)[0] if maps else None
+            results.append(ImageScore(name, float(raw_score), float(score), bool(raw_score > self.threshold), heat))
+        return results
+
+
 def score_images(config, paths, checkpoint_path, threshold=None, score_out='scores.csv', maps_dir='',
                  log=print):
-    """The `--score` command: scores the images of `paths` with the checkpoint, decides with the
-    threshold, prints a table, writes the CSV (and a gradient-map PNG per image into `maps_dir`).
-    Returns the rows (file, score, decision)."""
+    """The `--score` command: scores the images of `paths` with the checkpoint (loaded once), decides with
+    the threshold, prints a table and the images per second, writes the CSV (and a gradient-map PNG per
+    image into `maps_dir`). Returns the ImageScores."""
     image_paths = collect_images(paths)
     problems = image_problems(image_paths)
     if problems:
         raise UserError('; '.join(f'cannot read image {path} ({reason})' for path, reason in problems)
                         + '; replace or remove it')
-    model, checkpoint = load_checkpoint(checkpoint_path, config)
-    settings = scoring_settings(checkpoint['settings'], config)
-    threshold, origin = decision_threshold(checkpoint['reference_scores'], config.threshold_fpr, threshold,
-                                           checkpoint_path)
-    device = resolve_device(config.device)
-    prepare_model(model, settings, device)
+    scorer = Scorer(checkpoint_path, config, threshold, log)
+    checkpoint, settings = scorer.checkpoint, scorer.settings
     log(f"Checkpoint {checkpoint_path} ({checkpoint['class_name'] or 'official'}; "
         f"{checkpoint['extractor']['source']}; {settings.n_transforms_test} views at fixed rotations)")
-    log(f'Threshold {threshold:.6g}: {origin}')
-    samples = [Sample(path, -1, '') for path in image_paths]
-    features = reference_view_features(model, samples, settings, device, 'scored images', log)
-    scores = scores_of_features(model, features, settings)
-    rows = [(path, float(score), 'anomalous' if score > threshold else 'good')
-            for path, score in zip(image_paths, scores)]
+    log(f'Threshold {scorer.threshold:.6g}: {scorer.threshold_origin}; score = 1 / (1 + (threshold / raw) ^ '
+        f"{scorer.normalization['exponent']:.4g}), the threshold at 0.5")
+    started = time.perf_counter()
+    results = scorer.score(image_paths)
+    seconds = time.perf_counter() - started
     width = max(len(path) for path in image_paths)
-    log(f"{'file':<{width}}  {'score':>12}  decision")
-    for path, score, decision in rows:
-        log(f'{path:<{width}}  {score:>12.6g}  {decision}')
-    write_scores_csv(score_out, rows)
-    n_anomalous = sum(decision == 'anomalous' for _, _, decision in rows)
-    log(f'{len(rows)} images, {n_anomalous} anomalous; wrote {score_out}')
+    log(f"{'file':<{width}}  {'raw score':>12}  {'score':>6}  decision")
+    for result in results:
+        log(f"{result.name:<{width}}  {result.raw:>12.6g}  {result.score:>6.3f}  "
+            f"{'anomalous' if result.anomalous else 'good'}")
+    write_scores_csv(score_out, results)
+    n_anomalous = sum(result.anomalous for result in results)
+    log(f'{len(results)} images, {n_anomalous} anomalous, {len(results) / seconds:.2f} images/s '
+        f'({settings.n_transforms_test} views each); wrote {score_out}')
     if maps_dir:
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in image_paths])
-        for path, score, _ in rows:
-            export_map(model, path, os.path.basename(os.path.dirname(os.path.abspath(path))), settings, device,
-                       os.path.join(maps_dir, map_file_name(path, root)), score=score)
-        log(f'gradient maps: {len(rows)} PNGs in {maps_dir}')
-    return rows
+        for result in results:
+            export_map(scorer.model, result.name, os.path.basename(os.path.dirname(os.path.abspath(result.name))),
+                       settings, scorer.device, os.path.join(maps_dir, map_file_name(result.name, root)),
+                       score=result.raw)
+        log(f'gradient maps: {len(results)} PNGs in {maps_dir}')
+    return results
 
 
 def score_command(config, args):

@@ -52,6 +52,22 @@ def summary_rows(runs):
     return rows
 
 
+F1_HEADER = ['Class', 'F1-max (last epoch)', 'Its threshold', "F1 at the checkpoint's threshold", 'Runs']
+
+
+def f1_rows(runs):
+    """Rows (class, F1-max of the last meta epoch, the threshold that gives it, F1 at the threshold the
+    checkpoint decides with, runs), mean ± std over seeds; none when no run has an F1 (older results)."""
+    rows = []
+    for class_name, class_runs in runs_by_class(runs).items():
+        if not any(r.get('f1_max_last') is not None for r in class_runs):
+            continue
+        rows.append([class_name, mean_std_text([r.get('f1_max_last') for r in class_runs]),
+                     mean_std_text([r.get('f1_max_threshold_last') for r in class_runs], digits=6),
+                     mean_std_text([r.get('f1_at_checkpoint_threshold') for r in class_runs]), len(class_runs)])
+    return rows
+
+
 def defect_type_rows(runs):
     """Rows (class, defect type, AUROC at the last meta epoch, at the max epoch), mean ± std over seeds."""
     collected = {}
@@ -141,7 +157,7 @@ def build_summary(results):
             'csv_references': reference_cells(runs, annotate=False),
             'comparison_rows': comparison_rows(runs) if with_references else [],
             'notes': split_notes(runs), 'reference_notes': reference_notes() if with_references else [],
-            'defect_rows': defect_type_rows(runs)}
+            'defect_rows': defect_type_rows(runs), 'f1_rows': f1_rows(runs)}
 
 
 def failure_text(failure):

@@ -311,10 +311,11 @@ class MultiViewDataset(Dataset):
     """
 
     def __init__(self, samples, n_views, config, fixed_rotations=False, view_seed=None, keep_images=False,
-                 backend='pil'):
+                 backend='pil', images=None):
         if backend not in ('pil', 'tensor'):
             raise ValueError(f"backend must be 'pil' or 'tensor', got {backend!r}")
         self.samples = list(samples)
+        self.decoded = images  # per sample an RGB PIL image in memory to use instead of its file, or None
         self.n_views = n_views
         self.view_seed = view_seed
         self.backend = backend
@@ -336,7 +337,8 @@ class MultiViewDataset(Dataset):
     def resized_image(self, index):
         if self.kept_images is not None and index in self.kept_images:
             return self.kept_images[index]
-        image = self.resize(load_rgb(self.samples[index].path))
+        in_memory = self.decoded[index] if self.decoded is not None else None
+        image = self.resize(in_memory if in_memory is not None else load_rgb(self.samples[index].path))
         if self.kept_images is not None:
             self.kept_images[index] = image
         return image

@@ -329,8 +329,11 @@ def test_scoring_a_folder_with_a_threshold(trained_run, masked_tree, tmp_path, c
     by_file = dict(zip(entry['test_files'], entry['test_scores']))  # files relative to the dataset path
     for row in rows:
         expected = by_file[os.path.relpath(row['file'], masked_tree)]
-        assert float(row['score']) == pytest.approx(expected, abs=1e-6)
+        assert float(row['raw_score']) == pytest.approx(expected, abs=1e-6)
         assert row['decision'] == ('anomalous' if expected > threshold else 'good')
+        assert 0 <= float(row['score']) <= 1 and (float(row['score']) > 0.5) == (row['decision'] == 'anomalous')
+    by_raw = sorted(rows, key=lambda row: float(row['raw_score']))
+    assert [float(row['score']) for row in by_raw] == sorted(float(row['score']) for row in rows)  # monotone
     assert sorted(os.listdir(tmp_path / 'maps')) == [
         'good__000_map.png', 'good__001_map.png', 'hole__000_map.png', 'hole__001_map.png', 'stain__000_map.png']
 
@@ -412,7 +415,7 @@ def test_official_state_dict_scores_the_same(masked_tree, tmp_path, capsys):
     assert main(args) == 2  # no reference scores in an official file
     assert '--threshold' in capsys.readouterr().err
     assert main(args + ['--threshold', '1.0']) == 0
-    assert [float(r['score']) for r in read_csv(tmp_path / 's.csv')] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert [float(r['raw_score']) for r in read_csv(tmp_path / 's.csv')] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize('make_args, message', [

@@ -133,3 +133,15 @@ def test_progress_bars_work_and_do_not_flood_a_log_file(official_tree, tmp_path)
     assert 'train 0.0' in text  # the bar of the first sub epoch was drawn
     assert text.count('\r') < 60  # 9 sub epochs + 3 test passes: a few redraws each, not one per step
     assert text.count('AUROC: last') == 3
+
+
+def test_f1_max_and_f1_at_a_threshold():
+    from metrics import f1_at_threshold, f1_max
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.2, 0.9, 0.8, 0.85, 0.3]
+    best, threshold = f1_max(labels, scores)
+    # the best cut is above 0.2: predictions 0.3, 0.8, 0.85, 0.9 -> precision 3/4, recall 1 -> F1 6/7
+    assert best == pytest.approx(6 / 7) and threshold == pytest.approx(0.2)
+    assert f1_at_threshold(labels, scores, threshold) == pytest.approx(best)
+    assert f1_at_threshold(labels, scores, 0.85) == pytest.approx(2 * 1.0 * (1 / 3) / (1 + 1 / 3))
+    assert f1_at_threshold(labels, scores, 1.0) == 0.0  # nothing predicted anomalous
+    assert all(np.isnan(f1_max([0, 0], [0.1, 0.2])))
