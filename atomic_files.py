@@ -5,6 +5,7 @@ Every results file, checkpoint, resume state and cache entry goes through `repla
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 
@@ -24,6 +25,26 @@ def json_safe(value):
     return value
 
 
+class WriteFailed(OSError):
+    """A file could not be written (a full disk, another I/O error); the file as it was before is untouched
+    and no temporary file is left. str() is one line naming the file, the cause and the free space."""
+
+
+def free_bytes(path):
+    """Free bytes on the file system that holds `path` (or its nearest existing parent folder)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def size_text(n_bytes):
+    for unit, scale in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+        if n_bytes >= scale:
+            return f'{n_bytes / scale:.3g} {unit}'
+    return f'{n_bytes} B'
+
+
 def replace_atomically(path, write):
     """Calls write(temporary path), syncs it to disk, then renames it to `path`: a reader (or a resumed
     run) never sees half a file, even after a power cut, and the temporary file does not survive a
@@ -39,9 +60,13 @@ def replace_atomically(path, write):
         write(part)
         sync_file(part)
         os.replace(part, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(part):
             os.remove(part)
+        # torch.save reports a full disk as a RuntimeError from its zip writer
+        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, WriteFailed):
+            raise WriteFailed(f'cannot write {path} ({type(error).__name__}: {str(error).strip()[:120]}); '
+                              f'{size_text(free_bytes(folder))} free in {folder}') from error
         raise
     sync_file(folder)  # the rename itself reaches the disk
     remove_stale_temporaries(path)

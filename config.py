@@ -51,7 +51,7 @@ feature_cache = True  # keep extracted pool/test features on disk, keyed by file
 feature_cache_dir = 'data/feature_cache'  # where the disk cache of features lives
 view_backend = 'auto'  # 'pil' (official: views made one by one on PIL images), 'tensor' (images kept as uint8 tensors, views made in batches on the device, same pixels), 'auto': tensor on CUDA, pil on a CPU (the faster on each)
 channels_last = True  # speed-up: NHWC AlexNet convolutions, equal up to float rounding
-cpu_flow_kernel = 'auto'  # the flow's fp32 products on a CPU: 'default' (PyTorch's: MKL on x86), 'onednn', 'auto' (the faster, measured at the start)
+cpu_flow_kernel = 'auto'  # the flow's fp32 products on a CPU: 'default' (PyTorch's: MKL on x86), 'onednn', 'auto' (oneDNN on AMD CPUs, where MKL is slow; default elsewhere)
 bf16_autocast = False  # True: bfloat16 AlexNet and flow (changes numbers; not a default by the parity rule); 'auto': bf16 where faster (CUDA, AMX CPUs)
 
 # --- checkpoints, scoring, gradient maps ---

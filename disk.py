@@ -1,8 +1,13 @@
-"""What a run writes to disk: the size of its checkpoints and resume states, said before it starts."""
+"""What a run writes to disk: the size of its checkpoints, resume states and feature-cache files, said
+before it starts, and checked against the free space where each goes."""
+import os
+
 import torch
 import torchvision
 
-from model import build_flow
+from atomic_files import free_bytes, size_text
+from errors import UserError
+from model import N_FEATURES_PER_SCALE, build_flow
 
 BYTES_PER_VALUE = 4  # float32 parameters and Adam moments
 
@@ -35,13 +40,6 @@ def resume_state_bytes(config):
     return 3 * flow_parameter_count(config) * BYTES_PER_VALUE
 
 
-def size_text(n_bytes):
-    for unit, scale in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
-        if n_bytes >= scale:
-            return f'{n_bytes / scale:.3g} {unit}'
-    return f'{n_bytes} B'
-
-
 def disk_text(config, n_jobs, running_at_once=1):
     """The line a run starts with: what its checkpoints and resume states will take on disk."""
     if config.save_checkpoint or config.save_best:
@@ -59,3 +57,54 @@ def disk_text(config, n_jobs, running_at_once=1):
     else:
         states = 'no resume states (resume_state = False)'
     return f'disk: {checkpoints}; {states}'
+
+
+def feature_cache_bytes(config, n_train, n_test):
+    """What one job adds to the feature cache: its test views (cache_test_features), its training pool
+    (train_feature_pool) and its checkpoint's reference views (save_checkpoint), float32 features."""
+    per_view = N_FEATURES_PER_SCALE * config.n_scales * BYTES_PER_VALUE
+    views = n_test * config.n_transforms_test if config.cache_test_features else 0
+    views += n_train * config.train_feature_pool
+    if config.save_checkpoint or config.save_best:
+        references = min(n_train, config.max_reference_images) if config.max_reference_images else n_train
+        views += (references + round(config.val_fraction * n_train)) * config.n_transforms_test
+    return views * per_view
+
+
+def space_needs(config, results_dir, job_sizes, running_at_once=1):
+    """{folder: [(what, bytes)]} that the run will write: every job's checkpoints (and one more being
+    written), the resume states of the jobs running at once (each rewritten beside the last: twice), the
+    feature-cache files. `job_sizes` is [(training images, test images)] per job still to run."""
+    needs = {results_dir: [], config.feature_cache_dir: []}
+    per_job = int(config.save_checkpoint) + int(config.save_best)
+    if per_job and job_sizes:
+        count = per_job * len(job_sizes)
+        needs[results_dir].append((f'{count} checkpoint file(s)', (count + 1) * checkpoint_bytes(config)))
+    if config.resume_state and job_sizes:
+        needs[results_dir].append(('resume states', 2 * min(running_at_once, len(job_sizes)) *
+                                   resume_state_bytes(config)))
+    if config.feature_cache:
+        cache = sum(feature_cache_bytes(config, n_train, n_test) for n_train, n_test in job_sizes)
+        if cache:
+            needs[config.feature_cache_dir].append(('feature-cache files', cache))
+    return {folder: items for folder, items in needs.items() if items}
+
+
+def check_free_space(needs):
+    """Raises UserError naming the folder, what goes there, its size and the free space, and the settings
+    that shrink it, when what the run will write does not fit; folders on one file system add up."""
+    by_device = {}
+    for folder, items in needs.items():
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        by_device.setdefault(os.stat(existing).st_dev, []).append((folder, items))
+    for folders in by_device.values():
+        need = sum(size for _, items in folders for _, size in items)
+        free = free_bytes(folders[0][0])
+        if need > free:
+            what = '; '.join(f"{folder}: {', '.join(f'{name} {size_text(size)}' for name, size in items)}"
+                             for folder, items in folders)
+            raise UserError(f'not enough disk space: the run writes {size_text(need)} ({what}) where '
+                            f'{size_text(free)} is free; shrink it with --save_checkpoint false, --resume_state '
+                            f'false or --feature_cache false, or give another --results_dir')

@@ -29,16 +29,19 @@ def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_dige
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def load_cached_features(cache_dir, key):
-    """(features, labels) stored under `key`, or None."""
+def load_cached_features(cache_dir, key, log=print):
+    """(features, labels) stored under `key`, or None; a damaged file (truncated, altered) says so and is
+    None: its features are extracted again and the file replaced."""
     path = os.path.join(cache_dir, f'features_{key}.pt')
     if not os.path.isfile(path):
         return None
     try:
         stored = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:  # a damaged cache file is recomputed, never trusted
-        return None
-    if stored.get('key') != key:
+        if stored.get('key') != key:
+            raise ValueError('it holds another key')
+    except Exception as error:  # a damaged cache file is recomputed, never trusted
+        log(f'warning: feature cache file {path} is damaged ({type(error).__name__}); extracting its features '
+            f'again and replacing it')
         return None
     return stored['features'], stored['labels'].numpy()
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from atomic_files import WriteFailed
 from feature_cache import feature_cache_key, load_cached_features, save_cached_features
 from utils import MultiViewDataset, resolve_view_backend
 
@@ -114,7 +115,7 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
         if config.feature_cache and images is None:
             key = feature_cache_key(samples, n_views, view_seed, fixed_rotations, model.extractor_digest(), config,
                                     device)
-            cached = load_cached_features(config.feature_cache_dir, key)
+            cached = load_cached_features(config.feature_cache_dir, key, log)
             if cached is not None:
                 log(f'{description}: {len(samples)} images x {n_views} views from the feature cache')
                 return cached[0].to(device), cached[1]
@@ -124,7 +125,10 @@ def fixed_view_features(model, samples, n_views, view_seed, config, device, desc
         features, labels = collect_features(model, loader, device, config, description)
         log(f'{description}: extracted {len(samples)} images x {n_views} views in {time.time() - started:.1f} s')
         if key is not None:
-            save_cached_features(config.feature_cache_dir, key, features, labels)
+            try:
+                save_cached_features(config.feature_cache_dir, key, features, labels)
+            except WriteFailed as error:
+                log(f'warning: {error}; the run goes on without caching these features')
         return features, labels
 
 

@@ -1,9 +1,10 @@
 """What this machine is and does: the device a run takes, whether bfloat16 pays off on it, and which kernels
 compute the flow's fp32 matrix products on a CPU, each decided once at the start of a run and printed.
 
-Where the machine cannot be told by its name, a short measurement at the start decides (a fraction of a
-second): MKL, PyTorch's fp32 matrix products on x86, takes slower code paths on some AMD processors, where
-oneDNN's reach twice the speed; on Intel processors the two are alike (docs/performance.md).
+The flow's kernels follow what the CPU is, so that the same command gives the same numbers on a machine
+every time: MKL, PyTorch's fp32 matrix products on x86, takes slower code paths on AMD processors, where
+oneDNN's reach about twice its speed; on Intel processors the two are alike (docs/performance.md).
+bf16_autocast 'auto' measures instead (a fraction of a second), since bfloat16 is opt-in anyway.
 """
 import time
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from errors import UserError
 
 BF16_MIN_SPEEDUP = 1.2  # 'auto' takes bfloat16 on a CPU only when its convolutions measure this much faster
-ONEDNN_MIN_SPEEDUP = 1.15  # 'auto' takes oneDNN for the flow only when it measures this much faster than MKL
+ONEDNN_VENDORS = ('AuthenticAMD',)  # CPUs where MKL's fp32 products run far below oneDNN's (docs/performance.md)
 
 
 def resolve_device(name):
@@ -143,11 +144,23 @@ def linear_gflops(linear, n_rows, width, repeats=5):
     return 3 * 2 * n_rows * width * width / seconds_per_call(step, repeats) / 1e9
 
 
+def cpu_vendor():
+    """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), or '' where the system does not say."""
+    try:
+        with open('/proc/cpuinfo') as handle:
+            for line in handle:
+                if line.startswith('vendor_id'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return ''
+
+
 def choose_flow_kernel(setting, device, bf16, n_rows, width):
     """(kernel, the line that says which and why): 'default' (PyTorch's own: MKL on x86) or 'onednn', for
-    `cpu_flow_kernel` = 'auto', 'default' or 'onednn'. 'auto' measures both on the flow's shape and takes
-    oneDNN only when ONEDNN_MIN_SPEEDUP times faster; on a GPU, under bfloat16 (autocast picks its own
-    kernels) or without oneDNN it keeps PyTorch's."""
+    `cpu_flow_kernel` = 'auto', 'default' or 'onednn'. 'auto' takes oneDNN on the CPUs of ONEDNN_VENDORS and
+    PyTorch's default elsewhere (the same choice on a machine every time); on a GPU, under bfloat16 (autocast
+    picks its own kernels) or without oneDNN it keeps PyTorch's. `n_rows` and `width` name the flow's shape."""
     if device.type != 'cpu' or bf16:
         where = 'on the GPU' if device.type != 'cpu' else 'under bfloat16 autocast'
         return 'default', f"kernels: the flow's products {where} are PyTorch's own (cpu_flow_kernel applies to fp32 on a CPU)"
@@ -155,8 +168,9 @@ def choose_flow_kernel(setting, device, bf16, n_rows, width):
         return 'default', "kernels: the flow's products through PyTorch's default (this torch has no oneDNN matmul)"
     if setting != 'auto':
         return setting, f"kernels: the flow's fp32 products through {'oneDNN' if setting == 'onednn' else 'PyTorch default (MKL)'} (cpu_flow_kernel {setting})"
-    default, onednn = linear_gflops(F.linear, n_rows, width), linear_gflops(onednn_linear, n_rows, width)
-    kernel = 'onednn' if onednn >= ONEDNN_MIN_SPEEDUP * default else 'default'
-    return kernel, (f"kernels: the flow's fp32 products through {'oneDNN' if kernel == 'onednn' else 'PyTorch default (MKL)'} "
-                    f'(cpu_flow_kernel auto; measured now on {n_rows} x {width} by {width} x {width}: MKL '
-                    f'{default:.0f}, oneDNN {onednn:.0f} GFLOP/s)')
+    vendor = cpu_vendor()
+    if vendor in ONEDNN_VENDORS:
+        return 'onednn', (f"kernels: the flow's fp32 products ({n_rows} x {width} by {width} x {width}) through oneDNN "
+                          f"(cpu_flow_kernel auto: an {vendor} CPU, where MKL's run at about half oneDNN's speed)")
+    return 'default', (f"kernels: the flow's fp32 products through PyTorch default (MKL) (cpu_flow_kernel auto: "
+                       f"{vendor or 'this'} CPU; python benchmarks/speed.py --components limits compares both)")

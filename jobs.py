@@ -12,9 +12,9 @@ import traceback
 
 import torch
 
-from atomic_files import read_json, remove_stale_temporaries, write_json_atomic
+from atomic_files import WriteFailed, read_json, remove_stale_temporaries, write_json_atomic
 from demo_data import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset
-from disk import disk_text
+from disk import check_free_space, disk_text, space_needs
 from errors import UserError
 from hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
 from localization import localize_class
@@ -75,6 +75,24 @@ def with_machine_choices(config, device):
     kernel, kernels = choose_flow_kernel(config.cpu_flow_kernel, device, use_bf16, config.batch_size *
                                          config.n_transforms, config.fc_internal)
     return build_config(**{**vars(config), 'bf16_autocast': use_bf16, 'cpu_flow_kernel': kernel}), [precision, kernels]
+
+
+def class_sizes(config, names):
+    """{class: (training images it trains on, test images)} of `names`, for what a run will write."""
+    sizes = {}
+    for name in names:
+        train, test = find_class_samples(config.dataset_path, name)
+        n_train = len(train) - (max(1, round(config.val_fraction * len(train))) if config.val_fraction else 0)
+        sizes[name] = (min(n_train, config.n_train_images) if config.n_train_images else n_train, len(test))
+    return sizes
+
+
+def check_disk(config, results_dir, jobs, running_at_once=1):
+    """Prints the disk line and refuses (UserError) a run whose files do not fit where they go; `jobs` are
+    the (class, seed) pairs still to run."""
+    print(disk_text(config, len(jobs), running_at_once), flush=True)
+    sizes = class_sizes(config, sorted({name for name, _ in jobs}))
+    check_free_space(space_needs(config, results_dir, [sizes[name] for name, _ in jobs], running_at_once))
 
 
 def start_run(config, device):
@@ -214,8 +232,11 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
 
     def after_meta_epoch(meta_epoch, history, scores, is_new_max):
         if config.save_best and is_new_max:
-            save(best_path, dict(history, meta_epoch=meta_epoch))
-            print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+            try:
+                save(best_path, dict(history, meta_epoch=meta_epoch))
+                print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+            except WriteFailed as error:
+                print(f'warning: {error}; training goes on without this best checkpoint', flush=True)
         if on_meta_epoch is not None:
             on_meta_epoch(entry_of(history, 'in progress'))
 
@@ -246,7 +267,11 @@ def finish_class(model, config, save, test_samples, device, results_dir, stem, h
     added = {}
     if config.save_checkpoint:  # off, the reference views are never extracted either
         checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
-        statistics = save(checkpoint_path, history)
+        try:
+            statistics = save(checkpoint_path, history)
+        except WriteFailed as error:  # the numbers are finished: they are recorded all the same
+            print(f'error: {error}; the results of this class are kept, its checkpoint is not', flush=True)
+            return {**added, 'checkpoint_error': str(error)}
         print(f'Checkpoint: {checkpoint_path}', flush=True)
         added['checkpoint'] = os.path.basename(checkpoint_path)
         threshold, _ = decision_threshold(statistics, config.threshold_fpr)
@@ -354,6 +379,8 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
         entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
         if entry['status'] != 'done':
             message = entry['error']
+        elif entry.get('checkpoint_error'):
+            message = f"finished, but its checkpoint was not written: {entry['checkpoint_error']}"
     except Exception as error:  # MemoryError included
         if isinstance(error, UserError):
             message = str(error)
@@ -396,17 +423,33 @@ def run(config, resume=None):
         results_dir, finished = fresh_results_dir(config), {}
         results = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
                    'in_progress': None}
-    n_jobs = sum((name, seed) not in finished for name in names if name not in problems for seed in run_seeds(config))
-    print(disk_text(config, n_jobs), flush=True)
+    pending = [(name, seed) for name in names if name not in problems for seed in run_seeds(config)
+               if (name, seed) not in finished]
+    check_disk(config, results_dir, pending)
     try:
         run_jobs(config, names, problems, finished, device, results_dir, results, deviations)
     except KeyboardInterrupt:
-        write_results_files(results_dir, results, deviations)
+        write_results_or_warn(results_dir, results, deviations)
         print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
               f'Continue exactly where it stopped with:  python main.py --resume {results_dir}', flush=True)
         raise
+    if not write_results_or_warn(results_dir, results, deviations):  # the last chance to record them
+        results['failed'].append({'class_name': '(results files)', 'seed': None,
+                                  'error': f'the results files in {results_dir} could not be written'})
     end_run(results_dir, results, deviations)
     return results_dir, len(results['failed']), len(results['classes'])
+
+
+def write_results_or_warn(results_dir, results, deviations, figures=True):
+    """write_results_files; a file that cannot be written (a full disk) is a warning: training goes on and
+    the files are written again after the next meta epoch. Returns whether every file was written."""
+    try:
+        write_results_files(results_dir, results, deviations, figures)
+        return True
+    except WriteFailed as error:
+        print(f'warning: {error}; training goes on, the results files are written again at the next meta epoch',
+              flush=True)
+        return False
 
 
 def run_jobs(config, names, problems, finished, device, results_dir, results, deviations):
@@ -414,7 +457,7 @@ def run_jobs(config, names, problems, finished, device, results_dir, results, de
     tables) and each job (everything)."""
     def save_progress(entry):
         results['in_progress'] = entry
-        write_results_files(results_dir, results, deviations, figures=False)
+        write_results_or_warn(results_dir, results, deviations, figures=False)
 
     def record(entry, failure):
         if entry is not None:
@@ -422,7 +465,7 @@ def run_jobs(config, names, problems, finished, device, results_dir, results, de
         if failure is not None:
             results['failed'].append(failure)
         results['in_progress'] = None
-        write_results_files(results_dir, results, deviations)
+        write_results_or_warn(results_dir, results, deviations)
 
     for class_name in names:
         if class_name in problems:

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from atomic_files import replace_atomically
+from errors import UserError
 
 
 def rng_state():
@@ -34,9 +35,14 @@ def save_resume_state(path, meta_epoch, model, optimizer, history, scores, best_
 def load_resume_state(path, model, optimizer):
     """Loads the state at `path` into the flow of `model` and `optimizer`, restores every random stream, and
     returns the state (meta_epoch, history, scores, best_scores, elapsed_s)."""
-    # on the CPU: random-generator states must be CPU tensors; load_state_dict moves the rest
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    model.nf.load_state_dict(state['flow'])
-    optimizer.load_state_dict(state['optimizer'])
-    set_rng_state(state['rng'])
+    try:
+        # on the CPU: random-generator states must be CPU tensors; load_state_dict moves the rest
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        model.nf.load_state_dict(state['flow'])
+        optimizer.load_state_dict(state['optimizer'])
+        set_rng_state(state['rng'])
+    except Exception as error:  # truncated (a machine that lost power), altered, or of another run
+        raise UserError(f'resume state {path} is damaged or belongs to another run ({type(error).__name__}: '
+                        f'{str(error).strip()[:100]}); delete it to train this class from its start, or put the '
+                        f'whole file back') from None
     return state

@@ -20,14 +20,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from atomic_files import read_json, write_json_atomic
-from disk import disk_text
+from atomic_files import WriteFailed, read_json, write_json_atomic
 from hardware import resolve_device
-from jobs import (JOBS_DIR, done_entries, end_run, finished_entries, fresh_results_dir, read_job_files, run_job,
-                  start_run, write_job_file)
+from jobs import (JOBS_DIR, check_disk, done_entries, end_run, finished_entries, fresh_results_dir, read_job_files,
+                  run_job, start_run, write_job_file, write_results_or_warn)
 from launch import RankPrefixed, RankZeroError
 from paper_values import deviations_from_paper
-from report import write_results_files
 from settings import build_config, run_seeds
 from utils import find_class_samples
 
@@ -136,7 +134,8 @@ def make_plan(config, resume, launch, device):
         write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(config, names, problems, {}))
     for class_name, problem in problems.items():
         print(f'error: class {class_name} skipped: {problem}', flush=True)
-    print(disk_text(config, len(jobs), min(launch.world_size, len(jobs))), flush=True)
+    check_disk(config, results_dir, [(job['class_name'], job['seed']) for job in jobs],
+               min(launch.world_size, len(jobs)))
     print(f'sweep: {len(jobs)} jobs over {launch.world_size} processes'
           + (f' ({len(done)} done before)' if done else '') + f', results in {results_dir}/', flush=True)
     return {'results_dir': results_dir, 'names': names, 'problems': problems, 'jobs': jobs}, config, earlier
@@ -174,13 +173,20 @@ def take_jobs(config, plan, earlier, launch, store, device):
         started, finished = time.time(), {}
 
         def record(entry, failure, class_name=class_name, seed=seed):
-            finished.update(write_job_file(results_dir, class_name, seed, entry, failure, launch.rank))
+            try:
+                finished.update(write_job_file(results_dir, class_name, seed, entry, failure, launch.rank))
+            except WriteFailed as error:  # --resume runs the job again
+                print(f'error: {error}; this job is not recorded', flush=True)
+                finished.update(status='not recorded', error=str(error))
         run_job(config, class_name, seed, device, results_dir, record, catch_all=True)
         print(f"job {index + 1}/{len(jobs)}: {class_name} seed {seed} {finished['status']} in "
               f'{time.time() - started:.1f} s' + (' (error above)' if finished['error'] else ''), flush=True)
         if launch.rank == 0:  # results.json follows the sweep while it runs
-            write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
-                config, plan['names'], plan['problems'], read_job_files(results_dir), earlier))
+            try:
+                write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
+                    config, plan['names'], plan['problems'], read_job_files(results_dir), earlier))
+            except WriteFailed as error:
+                print(f'warning: {error}; it is written again after the next job', flush=True)
 
 
 def run_sweep(config, launch, resume=None):
@@ -204,7 +210,9 @@ def run_sweep(config, launch, resume=None):
         raise
     results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir), earlier)
     deviations = deviations_from_paper(config)
-    write_results_files(results_dir, results, deviations)
+    if not write_results_or_warn(results_dir, results, deviations):
+        results['failed'].append({'class_name': '(results files)', 'seed': None,
+                                  'error': f'the results files in {results_dir} could not be written'})
     if isinstance(sys.stdout, RankPrefixed):  # the summary reads as a one-process run's
         sys.stdout.close_partial()
         sys.stdout = sys.stdout.stream

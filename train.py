@@ -13,6 +13,7 @@ import torch
 
 from features import (POOL_VIEW_SEED_OFFSET, TEST_VIEW_SEED_OFFSET, autocast, collect_features, fixed_view_features,
                       loader_features, make_loader, prepare_extractor, progress, view_backend)
+from atomic_files import WriteFailed
 from freia_funcs import nll_loss
 from metrics import auroc_or_nan
 from resume_state import load_resume_state, save_resume_state
@@ -254,8 +255,12 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
         # of training is redone by --resume (each write holds the flow and Adam's moments)
         if resume_path and meta_epoch < config.meta_epochs - 1 and \
                 time.time() - last_state_write >= config.resume_interval_s:
-            save_resume_state(resume_path, meta_epoch, model, optimizer, state.history, scores, state.best_scores,
-                              state.elapsed_before + time.time() - start)
+            try:
+                save_resume_state(resume_path, meta_epoch, model, optimizer, state.history, scores,
+                                  state.best_scores, state.elapsed_before + time.time() - start)
+            except WriteFailed as error:  # an earlier state, if any, stays whole: --resume starts there
+                log(f'warning: {error}; training goes on without a newer resume state')
+                resume_path = None
             last_state_write = time.time()
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, state.history, scores, is_new_max)
