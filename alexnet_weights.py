@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torchvision
 
-from atomic_files import replace_atomically
+from atomic_files import file_sha256, replace_atomically
 from errors import UserError
 
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)  # positions of the 5 convolutions in alexnet().features
@@ -93,14 +93,6 @@ def features_digest(state):
         for part in ('weight', 'bias'):
             tensor = state[f'{index}.{part}'].detach().cpu().to(torch.float32).contiguous()
             digest.update(tensor.numpy().astype('<f4', copy=False).tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -2,6 +2,7 @@
 
 Every results file, checkpoint, resume state and cache entry goes through `replace_atomically`.
 """
+import hashlib
 import json
 import math
 import os
@@ -126,6 +127,15 @@ def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path):
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path, data):

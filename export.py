@@ -7,7 +7,6 @@ caller needs to make the views, average them into an image's score and decide.
 
 Exporter: torch.onnx.export, the TorchScript-based exporter (dynamo=False), ONNX opset 17.
 """
-import hashlib
 import json
 import os
 
@@ -15,7 +14,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from atomic_files import replace_atomically, write_text_atomic
+from atomic_files import file_sha256, replace_atomically, write_text_atomic
 from errors import UserError
 from scoring import Scorer
 from utils import fixed_angles
@@ -40,21 +39,13 @@ class ViewScores(torch.nn.Module):
         return torch.mean(z ** 2, dim=1)
 
 
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_description(scorer, onnx_path):
     """The JSON beside the model: its input and output, how to make the views and the score from them,
     the threshold and the 0..1 scale (scoring.score_normalization), and the model file's sha256."""
     settings = scorer.settings
     return {
         'format': EXPORT_FORMAT, 'version': EXPORT_VERSION, 'exporter': EXPORTER,
-        'model_file': os.path.basename(onnx_path), 'model_sha256': file_digest(onnx_path),
+        'model_file': os.path.basename(onnx_path), 'model_sha256': file_sha256(onnx_path),
         'class_name': scorer.checkpoint['class_name'], 'checkpoint': os.path.abspath(scorer.checkpoint_path),
         'input': {'name': INPUT_NAME, 'shape': ['N', 3, settings.img_size, settings.img_size], 'dtype': 'float32',
                   'layout': 'NCHW, RGB'},
@@ -118,7 +109,7 @@ def check_description(description_path, onnx_path):
                         f'export again with --export') from None
     if description.get('format') != EXPORT_FORMAT:
         raise UserError(f'{description_path} is not a DifferNet export description; export again with --export')
-    if description.get('model_sha256') != file_digest(onnx_path):
+    if description.get('model_sha256') != file_sha256(onnx_path):
         raise UserError(f'{description_path} does not describe {onnx_path} (its sha256 differs); keep the .onnx and '
                         f'the .json of one export together, or export again')
     return description
