@@ -171,6 +171,7 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
     dataset = MultiViewDataset(train, config.n_transforms, config, keep_images=True,
                                backend=view_backend(config, device))
     loader = make_loader(dataset, config.batch_size, True, config, device=device)
+    views_per_sub_epoch = []
     for sub_epoch in range(2):
         parts = dict.fromkeys(['views', 'extraction', 'flow forward + loss', 'backward', 'zero_grad + Adam step'], 0.0)
         start = mark = time.perf_counter()
@@ -195,11 +196,13 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
             optimizer.step()
             lap('zero_grad + Adam step')
         total = time.perf_counter() - start
+        views_per_sub_epoch.append(parts['views'])
     label = f'{"bf16" if bf16 else "fp32"}, {"grads kept" if keep_grads else "grads freed (set_to_none)"}'
     rest = total - sum(parts.values())
     print(f'sub epoch breakdown ({label}; {len(train)} {class_name} images x {config.n_transforms} views): '
           + ', '.join(f'{name} {seconds:.1f} s' for name, seconds in parts.items())
-          + f', rest {rest:.1f} s; total {total:.1f} s', flush=True)
+          + f', rest {rest:.1f} s; total {total:.1f} s; decoding and resizing the images once (first sub epoch\'s '
+          f'views minus the second\'s) {views_per_sub_epoch[0] - views_per_sub_epoch[1]:.1f} s', flush=True)
     n_views, n_steps = len(train) * config.n_transforms, -(-len(train) // config.batch_size)
     alexnet = alexnet_gflop_per_view(model, config) * n_views / parts['extraction']
     flow = flow_step_gflop(model, config, config.batch_size * config.n_transforms) * n_steps / (
@@ -244,6 +247,9 @@ def main():
     parser.add_argument('--skip_components', action='store_true')
     parser.add_argument('--components', nargs='+', default=COMPONENTS, choices=COMPONENTS,
                         help='which component figures to measure (default: all)')
+    parser.add_argument('--breakdown_modes', nargs='+', default=['fp32', 'fp32_kept', 'bf16', 'bf16_kept'],
+                        choices=['fp32', 'fp32_kept', 'bf16', 'bf16_kept'],
+                        help='which sub-epoch breakdowns to run (default: all four)')
     args = parser.parse_args()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU count {os.cpu_count()}', flush=True)
     if not args.skip_components:
@@ -260,8 +266,9 @@ def main():
         if 'limits' in args.components:
             bench_limits(96, 2048, args.repeats)
         if 'breakdown' in args.components:
-            for bf16, keep_grads in ((False, False), (False, True), (True, False), (True, True)):
-                bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, bf16, keep_grads)
+            for mode in args.breakdown_modes:
+                bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, mode.startswith('bf16'),
+                                          mode.endswith('_kept'))
     for mode in args.full_run:
         full_run(mode, args)
 
