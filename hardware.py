@@ -131,19 +131,6 @@ def onednn_linear(inputs, weight, bias):
     return OneDnnLinear.apply(inputs, weight, bias)
 
 
-def linear_gflops(linear, n_rows, width, repeats=5):
-    """GFLOP/s of `linear` on the flow's largest shape, forward and both backward products: (n_rows x width)
-    through a (width x width) layer."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(n_rows, width, generator=generator, requires_grad=True)
-    weight = torch.randn(width, width, generator=generator, requires_grad=True)
-    bias = torch.zeros(width, requires_grad=True)
-
-    def step():
-        linear(inputs, weight, bias).sum().backward()
-    return 3 * 2 * n_rows * width * width / seconds_per_call(step, repeats) / 1e9
-
-
 def cpu_vendor():
     """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), or '' where the system does not say."""
     try:

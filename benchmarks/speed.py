@@ -30,7 +30,7 @@ from alexnet_weights import load_imagenet_alexnet_features  # noqa: E402
 from features import (autocast, extract_view_features, loader_features, make_loader,  # noqa: E402
                       prepare_extractor, view_backend)
 from freia_funcs import nll_loss  # noqa: E402
-from hardware import choose_flow_kernel, linear_gflops, onednn_linear, onednn_product  # noqa: E402
+from hardware import choose_flow_kernel, onednn_linear, onednn_product, seconds_per_call  # noqa: E402
 from model import DifferNet  # noqa: E402
 from settings import build_config  # noqa: E402
 from train import flow_step, make_optimizer, score_features  # noqa: E402
@@ -138,6 +138,19 @@ def alexnet_gflop_per_view(model, config):
 def flow_step_gflop(model, config, n_rows):
     features = torch.zeros(n_rows, model.n_features)
     return counted_gflop(lambda: nll_loss(*model.nf(features)).backward())
+
+
+def linear_gflops(linear, n_rows, width, repeats=5):
+    """GFLOP/s of `linear` on the flow's largest shape, forward and both backward products: (n_rows x width)
+    through a (width x width) layer."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(n_rows, width, generator=generator, requires_grad=True)
+    weight = torch.randn(width, width, generator=generator, requires_grad=True)
+    bias = torch.zeros(width, requires_grad=True)
+
+    def step():
+        linear(inputs, weight, bias).sum().backward()
+    return 3 * 2 * n_rows * width * width / seconds_per_call(step, repeats) / 1e9
 
 
 def bench_limits(n_rows, width, repeats):

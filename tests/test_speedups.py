@@ -173,7 +173,6 @@ def test_flow_kernel_explicit_gpu_and_bf16_choices():
     assert hardware.choose_flow_kernel('default', cpu, False, 96, 2048)[0] == 'default'
     assert hardware.choose_flow_kernel('onednn', torch.device('cuda'), False, 96, 2048)[0] == 'default'
     assert hardware.choose_flow_kernel('onednn', cpu, True, 96, 2048)[0] == 'default'  # autocast's own kernels
-    assert hardware.linear_gflops(hardware.onednn_linear, 8, 64, repeats=1) > 0  # the measurement runs here
 
 
 def test_cpu_check_without_torch_support_says_float32(monkeypatch):
