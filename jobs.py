@@ -25,8 +25,8 @@ from report import results_markdown, write_results_files
 from scoring import decision_threshold, reference_view_features, score_statistics, scores_of_features
 from settings import build_config, file_stem, requested_class_names, run_seeds, validate_config
 from train import TrainingDiverged, seed_everything, train_class
-from utils import (class_folder_of, class_folders, detect_layout, find_class_samples, scan_class, split_validation,
-                   training_subset)
+from utils import (class_folder_of, class_folders, detect_layout, find_class_samples, n_validation_images, scan_class,
+                   split_validation, training_subset)
 
 JOBS_DIR = 'jobs'  # a sweep's finished jobs, one file each: jobs/<class>_seed<seed>.json
 JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
@@ -82,7 +82,7 @@ def class_sizes(config, names):
     sizes = {}
     for name in names:
         train, test = find_class_samples(config.dataset_path, name)
-        n_train = len(train) - (max(1, round(config.val_fraction * len(train))) if config.val_fraction else 0)
+        n_train = len(train) - n_validation_images(config.val_fraction, len(train))
         sizes[name] = (min(n_train, config.n_train_images) if config.n_train_images else n_train, len(test))
     return sizes
 

@@ -258,6 +258,5 @@ def score_command(config, args):
     if not args.score or not args.checkpoint:
         raise UserError('--score PATH... and --checkpoint FILE go together, e.g. '
                         '--score data/new_parts --checkpoint results/RUN/bottle_checkpoint.pt')
-    validate_threshold_fpr(config)
     score_images(config, args.score, args.checkpoint, threshold=args.threshold, score_out=args.score_out,
                  maps_dir=args.maps, log=lambda line: print(line, flush=True))

@@ -22,12 +22,11 @@ import torch.distributed as dist
 
 from atomic_files import WriteFailed, read_json, write_json_atomic
 from hardware import resolve_device
-from jobs import (JOBS_DIR, check_disk, done_entries, end_run, finished_entries, fresh_results_dir, read_job_files,
-                  run_job, start_run, write_job_file, write_results_or_warn)
+from jobs import (JOBS_DIR, check_disk, class_sizes, done_entries, end_run, finished_entries, fresh_results_dir,
+                  read_job_files, run_job, start_run, write_job_file, write_results_or_warn)
 from launch import RankPrefixed, RankZeroError
 from paper_values import deviations_from_paper
 from settings import build_config, run_seeds
-from utils import find_class_samples
 
 MACHINE_CHOICES = ('bf16_autocast', 'cpu_flow_kernel')  # decided by rank 0 for every rank (jobs.start_run)
 POLL_S = 0.5  # how often rank 0 looks whether the other processes are done
@@ -67,8 +66,6 @@ def rank_device(config, launch):
 def job_cost(config, n_train, n_test):
     """Views a job pushes through the network (training and test): what its run time follows."""
     test_passes = 1 if config.cache_test_features else config.meta_epochs
-    if config.n_train_images:
-        n_train = min(n_train, config.n_train_images)
     return n_train * config.meta_epochs * config.sub_epochs * config.n_transforms + \
         n_test * config.n_transforms_test * test_passes
 
@@ -77,11 +74,11 @@ def plan_jobs(config, names, problems, done):
     """[{class_name, seed, cost}] of the jobs still to run, largest first (ties in run order), so that the
     long jobs do not start last and leave the other processes idle at the end."""
     jobs = []
+    sizes = class_sizes(config, [name for name in names if name not in problems])
     for class_index, class_name in enumerate(names):
         if class_name in problems:
             continue
-        train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
-        cost = job_cost(config, len(train_samples), len(test_samples))
+        cost = job_cost(config, *sizes[class_name])  # the images a job trains on, after validation and subset
         for seed_index, seed in enumerate(run_seeds(config)):
             if (class_name, seed) not in done:
                 jobs.append({'class_name': class_name, 'seed': seed, 'cost': cost, 'order': (class_index, seed_index)})

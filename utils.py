@@ -194,6 +194,11 @@ def to_rgb(image):
     return image.convert('RGB')
 
 
+def n_validation_images(fraction, n_samples):
+    """How many of `n_samples` training images `val_fraction` = `fraction` holds out (at least 1 when > 0)."""
+    return max(1, int(round(fraction * n_samples))) if fraction > 0 else 0
+
+
 def split_validation(samples, fraction, seed):
     """(training, validation) samples: round(fraction * n) of them (at least 1 when fraction > 0) held
     out, picked with numpy seed `seed` from the samples in sorted order; both parts stay sorted. The
@@ -201,7 +206,7 @@ def split_validation(samples, fraction, seed):
     samples = sorted(samples)
     if fraction <= 0:
         return samples, []
-    n_validation = max(1, int(round(fraction * len(samples))))
+    n_validation = n_validation_images(fraction, len(samples))
     if n_validation >= len(samples):
         raise UserError(f'val_fraction = {fraction} holds out {n_validation} of the {len(samples)} training '
                         f'images, leaving none to train on; lower val_fraction')
