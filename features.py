@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from atomic_files import WriteFailed
 from feature_cache import feature_cache_key, load_cached_features, save_cached_features
-from utils import MultiViewDataset, resolve_view_backend
+from utils import MultiViewDataset, normalize_views, resolve_view_backend
 
 TEST_VIEW_SEED_OFFSET = 1_000  # view seeds of the cached test views and of the training pool, kept
 POOL_VIEW_SEED_OFFSET = 2_000  # apart from each other and from the run's own torch seed
@@ -70,10 +70,13 @@ def usable_num_workers(dataset, config, log):
 
 def extract_view_features(model, views, config):
     """Features (N, D) in float32 of the views (N, 3, s, s), without gradient, `extract_batch_size` views
-    per AlexNet pass."""
+    per AlexNet pass. uint8 views (MultiViewDataset.batch_pixels) are normalized one pass at a time, the
+    same values as normalizing them all first, without a float copy of the whole batch."""
     features = []
     with torch.no_grad(), autocast(config, views.device):
         for chunk in views.split(extract_batch_size(config, views.device)):
+            if chunk.dtype == torch.uint8:
+                chunk = normalize_views(chunk, config.norm_mean, config.norm_std)
             # views normalized from PIL's pixels are channels-last already: no copy then
             chunk = chunk.contiguous(memory_format=torch.channels_last if config.channels_last
                                      else torch.contiguous_format)
@@ -84,7 +87,7 @@ def extract_view_features(model, views, config):
 def loader_features(model, loader, device, config):
     """Yields (features (B, n_views, D), labels (B,)) for each batch of a MultiViewDataset loader."""
     for batch, labels in loader:
-        views = loader.dataset.batch_views(batch, device)
+        views = loader.dataset.batch_pixels(batch, device)
         n_images, n_views = views.shape[:2]
         flat = views.view(-1, *views.shape[2:])
         yield extract_view_features(model, flat, config).view(n_images, n_views, -1), labels

@@ -100,9 +100,18 @@ def onednn_available():
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
+def plain_layout(matrix):
+    """`matrix` itself where it is row-major or a transposed row-major matrix, else a row-major copy: oneDNN
+    reads those two layouts with its fast kernels, but falls back to its reference kernel (about 1000x
+    slower) for other strides, such as the transpose of a column slice (the coupling's half of a batch)."""
+    if matrix.is_contiguous() or matrix.t().is_contiguous():
+        return matrix
+    return matrix.contiguous()
+
+
 def onednn_product(inputs, weight, bias=None):
-    """inputs @ weight^T (+ bias) through oneDNN's matmul; any strides (a transposed view is read as it is)."""
-    return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, 'none', [], '')
+    """inputs @ weight^T (+ bias) through oneDNN's matmul, for 2-D operands of any strides."""
+    return torch.ops.mkldnn._linear_pointwise(plain_layout(inputs), plain_layout(weight), bias, 'none', [], '')
 
 
 class OneDnnLinear(torch.autograd.Function):

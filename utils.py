@@ -371,13 +371,21 @@ class MultiViewDataset(Dataset):
         return torch.from_numpy(pixels), label
 
     def batch_views(self, batch, device):
-        """The normalized views (B, n_views, 3, s, s) on `device` of a loader batch: PIL-made pixels are
-        copied (without blocking from pinned memory) and normalized there; tensor-backend recipes are made
-        into views on the device."""
+        """The normalized views (B, n_views, 3, s, s) on `device` of a loader batch."""
+        views = self.batch_pixels(batch, device)
+        if views.dtype == torch.uint8:
+            return normalize_views(views, self.norm_mean, self.norm_std)
+        return views
+
+    def batch_pixels(self, batch, device):
+        """The views (B, n_views, 3, s, s) of a loader batch on `device`, as late as they can be normalized:
+        PIL-made pixels are copied (without blocking from pinned memory) and stay uint8 (channels-last
+        strides), for `features.extract_view_features` to normalize each AlexNet pass's share while it is in
+        cache; tensor-backend recipes are made into normalized float views on the device."""
         if self.backend == 'tensor':
             return self.make_views(batch, device)
         pixels = batch.to(device, non_blocking=batch.is_pinned())
-        return normalize_views(pixels.permute(0, 1, 4, 2, 3), self.norm_mean, self.norm_std)
+        return pixels.permute(0, 1, 4, 2, 3)
 
     def views_of(self, index, device):
         """The views (n_views, 3, s, s) of item `index` on `device`, contiguous, from either backend."""

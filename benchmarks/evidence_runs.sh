@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The evidence runs of docs/few_shot_and_mtd.md (MTD with the paper's schedule; 16 and 64 training images),
-# one after another (two at once each run half as fast). Rerun it to continue: a finished run is skipped,
-# an interrupted one continues with --resume. Logs and results: $EVIDENCE_DIR (default results/evidence).
+# one (class, seed) run after another (two at once each run half as fast). Rerun it to continue: a finished
+# run is skipped, an interrupted one continues with --resume. Working folders and logs: $EVIDENCE_DIR (default
+# results/evidence); each finished run's results.json and /usr/bin/time summary are copied to docs/evidence/,
+# which is kept in the repository (a new checkout has no results/). Names in $ONLY (space-separated) run
+# only those runs.
 cd "$(dirname "$0")/.."
 E=${EVIDENCE_DIR:-results/evidence}
-mkdir -p "$E"
-run() {  # name, then main.py options; skipped when its results.json says every job finished
+KEPT=docs/evidence
+mkdir -p "$E" "$KEPT"
+run() {  # name, then main.py options; skipped when its kept results say every job finished
   name=$1; shift
-  if [ -f $E/$name/results.json ] && python -c "import json,sys; r=json.load(open('$E/$name/results.json')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"; then
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [ -f $KEPT/$name.results.json ] && python -c "import json,sys; r=json.load(open('$KEPT/$name.results.json')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"; then
     echo "$(date -u +%H:%M:%S) $name already finished"; return; fi
   echo "$(date -u +%H:%M:%S) $name starts"
   if [ -f $E/$name/results.json ]; then
@@ -15,13 +20,25 @@ run() {  # name, then main.py options; skipped when its results.json says every 
   else
     /usr/bin/time -v python main.py "$@" --results_dir $E/$name >> $E/$name.log 2>&1
   fi
-  echo "$(date -u +%H:%M:%S) $name ended with $?"
+  status=$?
+  echo "$(date -u +%H:%M:%S) $name ended with $status"
+  if [ $status -eq 0 ]; then
+    cp $E/$name/results.json $KEPT/$name.results.json
+    grep -E "Elapsed|Maximum resident|Command being timed" $E/$name.log | tail -3 > $KEPT/$name.time.txt
+  fi
 }
 M=../shared/data/mvtec; S=../shared/data/mvtec_partial; T=../shared/data/mtd
-run fewshot16_bottle --dataset_path $M --class_name bottle --n_train_images 16 --seeds 0,1,2 --save_checkpoint false
-run fewshot16_screw --dataset_path $S --class_name screw --n_train_images 16 --seeds 0,1,2 --save_checkpoint false
-run fewshot64_bottle --dataset_path $M --class_name bottle --n_train_images 64 --seed 0 --save_checkpoint false
-run fewshot64_screw --dataset_path $S --class_name screw --n_train_images 64 --seed 0 --save_checkpoint false
+FEW="--save_checkpoint false"
+for seed in 0 1 2; do
+  run fewshot16_screw_seed$seed --dataset_path $S --class_name screw --n_train_images 16 --seed $seed $FEW
+done
+for seed in 0 1 2; do
+  run fewshot16_bottle_seed$seed --dataset_path $M --class_name bottle --n_train_images 16 --seed $seed $FEW
+done
+run fewshot64_screw_seed0 --dataset_path $S --class_name screw --n_train_images 64 --seed 0 $FEW
+run fewshot64_bottle_seed0 --dataset_path $M --class_name bottle --n_train_images 64 --seed 0 $FEW
+for seed in 0 1 2; do
+  run fewshot16_mtd_seed$seed --dataset_path $T --class_name mtd --n_train_images 16 --seed $seed $FEW
+done
+run fewshot64_mtd_seed0 --dataset_path $T --class_name mtd --n_train_images 64 --seed 0 $FEW
 run mtd_full --dataset_path $T --class_name mtd --seed 0
-run fewshot16_mtd --dataset_path $T --class_name mtd --n_train_images 16 --seeds 0,1,2 --save_checkpoint false
-run fewshot64_mtd --dataset_path $T --class_name mtd --n_train_images 64 --seed 0 --save_checkpoint false

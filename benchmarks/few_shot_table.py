@@ -1,9 +1,10 @@
 """The 16-image claim: image AUROC against the number of training images, as a table and a plot.
 
-    python benchmarks/few_shot_table.py --runs results/evidence/fewshot16_bottle results/evidence/fewshot64_bottle ... \
+    python benchmarks/few_shot_table.py --runs docs/evidence/fewshot*.results.json \
         --full bottle=0.9881,0.9897 screw=0.9268,0.9516 --plot docs/few_shot.png
 
-Each run folder is a run of `main.py --n_train_images K` (one class, one or more seeds); `--full` gives the
+Each run (a results folder, or the results.json that benchmarks/evidence_runs.sh keeps in docs/evidence/) is
+a run of `main.py --n_train_images K` (one class, one or more seeds); `--full` gives the
 full-data runs' last and max AUROC (seed 0, the paper's schedule) for the last point of each class, or a
 full-data run's folder is given with --runs. Prints a markdown table; asserts nothing.
 """
@@ -23,10 +24,10 @@ from summary import mean_std_text  # noqa: E402
 def collect(run_dirs, full):
     """{class: {n_images: {'last': [...], 'max': [...], 'of': training images available}}}"""
     table = {}
-    for folder in run_dirs:
-        path = os.path.join(folder, 'results.json')
+    for run in run_dirs:
+        path = run if run.endswith('.json') else os.path.join(run, 'results.json')
         if not os.path.isfile(path):
-            print(f'(no results yet in {folder})', file=sys.stderr)
+            print(f'(no results yet in {run})', file=sys.stderr)
             continue
         with open(path) as handle:
             results = json.load(handle)

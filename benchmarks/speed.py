@@ -2,6 +2,8 @@
 
     python benchmarks/speed.py                      # components: extraction, flow step, evaluation, loading
     python benchmarks/speed.py --components breakdown limits   # a sub epoch's parts, GFLOP/s against the limits
+    python benchmarks/speed.py --components breakdown --breakdown_modes fp32 --flow_kernels default onednn
+                                                    # the fp32 sub epoch with the flow through MKL, then oneDNN
     python benchmarks/speed.py --full_run default   # + wall time and peak memory of a whole class run
     python benchmarks/speed.py --full_run online --meta_epochs 4   # a shorter schedule of another mode
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python benchmarks/speed.py --components extraction flow
@@ -135,9 +137,14 @@ def alexnet_gflop_per_view(model, config):
         return counted_gflop(lambda: model.features(view))
 
 
-def flow_step_gflop(model, config, n_rows):
+def flow_step_gflop(model, config, n_rows, kernel):
+    """GFLOP of one flow step, counted through PyTorch's own products (FlopCounterMode does not see oneDNN's
+    calls; the arithmetic is the same), then `kernel` back in place."""
     features = torch.zeros(n_rows, model.n_features)
-    return counted_gflop(lambda: nll_loss(*model.nf(features)).backward())
+    model.use_flow_kernel('default')
+    gflop = counted_gflop(lambda: nll_loss(*model.nf(features)).backward())
+    model.use_flow_kernel(kernel)
+    return gflop
 
 
 def linear_gflops(linear, n_rows, width, repeats=5):
@@ -165,13 +172,13 @@ def bench_limits(n_rows, width, repeats):
               f'{width} (forward + backward), {cube:6.0f} GFLOP/s on 2048^3', flush=True)
 
 
-def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads):
+def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads, flow_kernel='auto'):
     """Where one on-line sub epoch's time goes: view making (loader and device copy), AlexNet, the flow's
     forward pass and loss, backward, zero_grad + Adam step, and the rest (the difference to the wall time
     of the loop). The second of two sub epochs is measured (the first decodes the images). With
     `keep_grads`, zero_grad keeps the 172 M-value gradient buffers instead of freeing them every step
     (set_to_none=False: the same update, since backward adds into zeros)."""
-    config = build_config(bf16_autocast=bf16)
+    config = build_config(bf16_autocast=bf16, cpu_flow_kernel=flow_kernel)
     device = torch.device('cpu')
     torch.manual_seed(0)
     model = DifferNet(config, state)
@@ -195,7 +202,7 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
             parts[name] += now - mark
             mark = now
         for batch, _ in loader:
-            views = dataset.batch_views(batch, device)
+            views = dataset.batch_pixels(batch, device)
             lap('views')
             features = extract_view_features(model, views.view(-1, *views.shape[2:]), config)
             lap('extraction')
@@ -218,7 +225,7 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads)
           f'views minus the second\'s) {views_per_sub_epoch[0] - views_per_sub_epoch[1]:.1f} s', flush=True)
     n_views, n_steps = len(train) * config.n_transforms, -(-len(train) // config.batch_size)
     alexnet = alexnet_gflop_per_view(model, config) * n_views / parts['extraction']
-    flow = flow_step_gflop(model, config, config.batch_size * config.n_transforms) * n_steps / (
+    flow = flow_step_gflop(model, config, config.batch_size * config.n_transforms, kernel) * n_steps / (
         parts['flow forward + loss'] + parts['backward'])
     print(f'  {kernel_line}\n  AlexNet {alexnet:.0f} GFLOP/s ({alexnet_gflop_per_view(model, config):.2f} GFLOP per '
           f'{config.n_scales}-scale view); flow forward + backward {flow:.0f} GFLOP/s', flush=True)
@@ -263,6 +270,8 @@ def main():
     parser.add_argument('--breakdown_modes', nargs='+', default=['fp32', 'fp32_kept', 'bf16', 'bf16_kept'],
                         choices=['fp32', 'fp32_kept', 'bf16', 'bf16_kept'],
                         help='which sub-epoch breakdowns to run (default: all four)')
+    parser.add_argument('--flow_kernels', nargs='+', default=['auto'], choices=['auto', 'default', 'onednn'],
+                        help="cpu_flow_kernel of each breakdown (default: config's 'auto'); several compare them")
     args = parser.parse_args()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU count {os.cpu_count()}', flush=True)
     if not args.skip_components:
@@ -280,8 +289,9 @@ def main():
             bench_limits(96, 2048, args.repeats)
         if 'breakdown' in args.components:
             for mode in args.breakdown_modes:
-                bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, mode.startswith('bf16'),
-                                          mode.endswith('_kept'))
+                for flow_kernel in args.flow_kernels:
+                    bench_sub_epoch_breakdown(state, args.dataset_path, args.class_name, mode.startswith('bf16'),
+                                              mode.endswith('_kept'), flow_kernel)
     for mode in args.full_run:
         full_run(mode, args)
 

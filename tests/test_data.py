@@ -10,6 +10,8 @@ from PIL import Image
 from conftest import tiny_config, write_image
 from demo_data import ensure_demo_dataset
 from errors import UserError
+from features import extract_view_features, prepare_extractor
+from model import DifferNet
 from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles, load_rgb, scan_class
 
 
@@ -80,6 +82,24 @@ def test_kept_images_give_the_views_of_the_official_per_view_transform(official_
         assert torch.equal(a, b)
     assert torch.equal(torch.rand(1), after_official)
     assert not torch.equal(got[0], got[2])  # new random rotations, not kept views
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_uint8_views_normalized_per_alexnet_pass_give_the_features_of_normalized_views(official_tree,
+                                                                                      channels_last):
+    config = tiny_config(transf_rotations=True, channels_last=channels_last, extract_batch_size=4)
+    train, _ = find_class_samples(str(official_tree), 'widget')
+    dataset = MultiViewDataset(train, 3, config, view_seed=5)
+    batch = torch.utils.data.default_collate([dataset[i][0] for i in range(len(dataset))])
+    pixels = dataset.batch_pixels(batch, torch.device('cpu'))
+    views = dataset.batch_views(batch, torch.device('cpu'))
+    assert pixels.dtype == torch.uint8 and views.dtype == torch.float32 and pixels.shape == views.shape
+    torch.manual_seed(0)
+    model = DifferNet(config).eval()
+    prepare_extractor(model, config)
+    from_pixels = extract_view_features(model, pixels.reshape(-1, *pixels.shape[2:]), config)
+    from_views = extract_view_features(model, views.reshape(-1, *views.shape[2:]), config)
+    assert torch.equal(from_pixels, from_views)
 
 
 def test_fixed_rotations_are_evenly_spaced(official_tree):

@@ -1,13 +1,15 @@
 """The flow: the official numbers, exact inversion, log-determinant, permutations, the loss, checkpoints."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR
+from conftest import GOLDEN_DIR, REPO_ROOT
 from freia_funcs import DifferNetFlow, GlowCouplingLayer, fixed_permutation, nll_loss
-from hardware import onednn_linear
+from hardware import onednn_linear, plain_layout
 
 
 def load_golden_case(case):
@@ -135,6 +137,38 @@ def test_onednn_linear_matches_pytorchs_products_and_gradients():
     assert torch.allclose(got, expected, atol=1e-6)
     for a, b in zip(got_grads, expected_grads):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_onednn_operands_are_handed_over_in_layouts_its_fast_kernels_read():
+    matrix = torch.randn(6, 8)
+    assert plain_layout(matrix) is matrix
+    assert plain_layout(matrix.t()).data_ptr() == matrix.data_ptr()  # a transposed view is read as it is
+    half = matrix[:, :4]  # the coupling's half of a batch: neither row- nor column-major
+    copied = plain_layout(half.t())
+    assert copied.is_contiguous() and torch.equal(copied, half.t())
+
+
+ONEDNN_TRACE = """
+import torch
+from freia_funcs import DifferNetFlow
+from hardware import onednn_linear, plain_layout, onednn_product
+onednn_product(torch.randn(8, 16), torch.randn(12, 16))  # a plain product: the kernel this CPU has
+flow = DifferNetFlow(12, n_blocks=2, internal_size=16)
+flow.use_linear(onednn_linear)
+z, log_det = flow(torch.randn(9, 12))
+(z.square().sum() - log_det.sum()).backward()
+"""
+
+
+def test_the_flows_onednn_products_run_the_kernel_a_plain_product_gets():
+    # strides oneDNN's fast kernels do not read send it to its reference kernel, about 1000x slower
+    trace = subprocess.run([sys.executable, '-c', ONEDNN_TRACE], capture_output=True, text=True, cwd=REPO_ROOT,
+                           env={**os.environ, 'ONEDNN_VERBOSE': '1'}, check=True).stdout
+    marker = ',primitive,exec,cpu,inner_product,'
+    kernels = [line.split(marker)[1].split(',')[0] for line in trace.splitlines() if marker in line]
+    plain, flow = kernels[0], kernels[1:]
+    assert len(flow) > 2 * 2 * 2 * 4, trace[-2000:]  # 2 blocks x 2 subnets x 4 layers, forward and backward
+    assert plain.startswith('ref') or not any(kernel.startswith('ref') for kernel in flow), kernels
 
 
 def test_flow_with_onednn_products_gives_the_same_z_and_log_det():
