@@ -1,11 +1,12 @@
 """The 16-image claim: image AUROC against the number of training images, as a table and a plot.
 
     python benchmarks/few_shot_table.py --runs docs/evidence/fewshot*.results.json \
-        --full bottle=0.9881,0.9897 screw=0.9268,0.9516 --plot docs/few_shot.png
+        --full bottle=0.9881,0.9897,209 screw=0.9268,0.9516,200 --plot docs/few_shot.png
 
 Each run (a results folder, or the results.json that benchmarks/evidence_runs.sh keeps in docs/evidence/) is
 a run of `main.py --n_train_images K` (one class, one or more seeds); `--full` gives the
-full-data runs' last and max AUROC (seed 0, the paper's schedule) for the last point of each class, or a
+full-data runs' last and max AUROC (seed 0, the paper's schedule; optionally the number of images) for the
+last point of each class, or a
 full-data run's folder is given with --runs. Prints a markdown table; asserts nothing.
 """
 import argparse
@@ -41,9 +42,10 @@ def collect(run_dirs, full):
             row['max'].append(entry['max_auroc'])
     for item in full:
         name, values = item.split('=')
-        last, best = (float(value) for value in values.split(','))
+        last, best, *size = values.split(',')
+        last, best = float(last), float(best)
         rows = table.setdefault(name, {})
-        available = max((row['of'] for row in rows.values()), default=0)
+        available = int(size[0]) if size else max((row['of'] for row in rows.values()), default=0)
         rows.setdefault(available or 'all', {'last': [last], 'max': [best], 'of': available})
     return table
 
@@ -83,7 +85,7 @@ def plot(table, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', nargs='+', required=True)
-    parser.add_argument('--full', nargs='*', default=[], metavar='CLASS=LAST,MAX')
+    parser.add_argument('--full', nargs='*', default=[], metavar='CLASS=LAST,MAX[,N_IMAGES]')
     parser.add_argument('--plot', default='')
     args = parser.parse_args()
     table = collect(args.runs, args.full)
