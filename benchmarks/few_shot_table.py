@@ -4,10 +4,9 @@
         --full bottle=0.9881,0.9897,209 screw=0.9268,0.9516,200 --plot docs/few_shot.png
 
 Each run (a results folder, or the results.json that benchmarks/evidence_runs.sh keeps in docs/evidence/) is
-a run of `main.py --n_train_images K` (one class, one or more seeds); `--full` gives the
-full-data runs' last and max AUROC (seed 0, the paper's schedule; optionally the number of images) for the
-last point of each class, or a
-full-data run's folder is given with --runs. Prints a markdown table; asserts nothing.
+a run of `main.py --n_train_images K` (one class, one or more seeds); `--full` gives the full-data runs'
+last and max AUROC (seed 0, the paper's schedule; optionally the number of images) for the last point of
+each class, or a full-data run's folder is given with --runs. Prints a markdown table; asserts nothing.
 """
 import argparse
 import json

@@ -151,7 +151,7 @@ def test_onednn_operands_are_handed_over_in_layouts_its_fast_kernels_read():
 ONEDNN_TRACE = """
 import torch
 from freia_funcs import DifferNetFlow
-from hardware import onednn_linear, plain_layout, onednn_product
+from hardware import onednn_linear, onednn_product
 onednn_product(torch.randn(8, 16), torch.randn(12, 16))  # a plain product: the kernel this CPU has
 flow = DifferNetFlow(12, n_blocks=2, internal_size=16)
 flow.use_linear(onednn_linear)
