@@ -9,11 +9,19 @@ cd "$(dirname "$0")/.."
 E=${EVIDENCE_DIR:-results/evidence}
 KEPT=docs/evidence
 mkdir -p "$E" "$KEPT"
+finished() {  # a results.json in which every job of the run finished and none failed
+  [ -f "$1" ] && python -c "import json,sys; r=json.load(open('$1')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"
+}
+keep() {  # the finished run's results and the time summary of the process that finished it
+  cp $E/$1/results.json $KEPT/$1.results.json
+  grep -E "Elapsed|Maximum resident|Command being timed" $E/$1.log | tail -3 > $KEPT/$1.time.txt
+}
 run() {  # name, then main.py options; skipped when its kept results say every job finished
   name=$1; shift
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  if [ -f $KEPT/$name.results.json ] && python -c "import json,sys; r=json.load(open('$KEPT/$name.results.json')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"; then
-    echo "$(date -u +%H:%M:%S) $name already finished"; return; fi
+  if finished $KEPT/$name.results.json; then echo "$(date -u +%H:%M:%S) $name already finished"; return; fi
+  if finished $E/$name/results.json; then  # finished, but stopped before its results were kept
+    keep $name; echo "$(date -u +%H:%M:%S) $name had finished; kept"; return; fi
   echo "$(date -u +%H:%M:%S) $name starts"
   if [ -f $E/$name/results.json ]; then
     /usr/bin/time -v python main.py --resume $E/$name >> $E/$name.log 2>&1
@@ -22,10 +30,7 @@ run() {  # name, then main.py options; skipped when its kept results say every j
   fi
   status=$?
   echo "$(date -u +%H:%M:%S) $name ended with $status"
-  if [ $status -eq 0 ]; then
-    cp $E/$name/results.json $KEPT/$name.results.json
-    grep -E "Elapsed|Maximum resident|Command being timed" $E/$name.log | tail -3 > $KEPT/$name.time.txt
-  fi
+  if [ $status -eq 0 ]; then keep $name; fi
 }
 M=../shared/data/mvtec; S=../shared/data/mvtec_partial; T=../shared/data/mtd
 FEW="--save_checkpoint false"
