@@ -92,14 +92,18 @@ def gradient_map(model, image_path, config, device, image=None):
     docstring's formula with n_transforms_test views at the fixed angles. Puts `model` in eval mode (dropout
     off) first."""
     model.eval()
-    angles = fixed_angles(config.n_transforms_test)
+    gradients, score = view_gradients(model, image_path, config, device, image)
+    heat = combine_views(gaussian_blur(rotate_back(gradients, fixed_angles(config.n_transforms_test))))
+    return heat, score
+
+
+def view_gradients(model, image_path, config, device, image=None):
+    """(dL/dviews (n_transforms_test, 3, s, s), score) of one image (its file, or `image` in memory) at the
+    fixed angles, the views as the test views make them: the input of `gradient_map`'s operations."""
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
                                view_seed=config.seed + TEST_VIEW_SEED_OFFSET,  # colour jitter draws as the test views
                                images=None if image is None else [image])
-    views = dataset.views_of(0, device)
-    gradients, score = input_gradients(model, views, extract_batch_size(config, device))
-    heat = combine_views(gaussian_blur(rotate_back(gradients, angles)))
-    return heat, score
+    return input_gradients(model, dataset.views_of(0, device), extract_batch_size(config, device))
 
 
 def save_map_png(path, image, heat_map, mask, title):

@@ -28,14 +28,13 @@ from PIL import Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from features import TEST_VIEW_SEED_OFFSET  # noqa: E402
-from localization import BLUR_SIGMA, BLUR_TRUNCATE, combine_views, gaussian_blur, input_gradients, rotate_back  # noqa: E402
+from localization import BLUR_SIGMA, BLUR_TRUNCATE, combine_views, gaussian_blur, rotate_back, view_gradients  # noqa: E402
 from metrics import pixel_metrics  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from scoring import prepare_model, scoring_settings  # noqa: E402
 from settings import build_config  # noqa: E402
 from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
-from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles, load_mask  # noqa: E402
+from utils import find_class_samples, fixed_angles, load_mask  # noqa: E402
 
 
 def previous_map(gradients, angles):
@@ -82,10 +81,8 @@ def maps_both_ways(model, settings, test_samples):
     old_maps, new_maps, masks = [], [], []
     seconds = {'gradients': 0.0, 'previous': 0.0, 'official': 0.0}
     for index, (path, label, defect_type, mask_path) in enumerate(test_samples):
-        dataset = MultiViewDataset([Sample(path, 0, '')], settings.n_transforms_test, settings, fixed_rotations=True,
-                                   view_seed=settings.seed + TEST_VIEW_SEED_OFFSET)
         start = time.perf_counter()
-        gradients, _ = input_gradients(model, dataset.views_of(0, torch.device('cpu')), settings.extract_batch_size)
+        gradients, _ = view_gradients(model, path, settings, torch.device('cpu'))
         seconds['gradients'] += time.perf_counter() - start
         start = time.perf_counter()
         old_maps.append(previous_map(gradients, angles))
