@@ -15,6 +15,9 @@ finished() {  # a results.json in which every job of the run finished and none f
 keep() {  # the finished run's results and the time summary of the process that finished it
   cp $E/$1/results.json $KEPT/$1.results.json
   grep -E "Elapsed|Maximum resident|Command being timed" $E/$1.log | tail -3 > $KEPT/$1.time.txt
+  if [ ! -s $KEPT/$1.time.txt ]; then  # the timing process died before printing: say so, not an empty file
+    echo "no /usr/bin/time summary in $E/$1.log; wall_time_s and peak_rss_gib in $1.results.json" > $KEPT/$1.time.txt
+  fi
 }
 run() {  # name, then main.py options; skipped when its kept results say every job finished
   name=$1; shift
