@@ -133,3 +133,33 @@ def test_mtd_is_compared_with_the_papers_table_2():
     assert class_references('mtd', [few_shot])['paper'] == pytest.approx(0.977)  # the test set is the paper's
     assert np.isnan(class_references('mtd', [dict(run, n_test_images=100)])['paper'])
     assert tiny_config().n_train_images == 0
+
+
+def test_few_shot_table_averages_finished_runs_per_class_and_size(tmp_path):
+    """benchmarks/few_shot_table.py, which prints the table of docs/few_shot_and_mtd.md from kept results."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks',
+                          'few_shot_table.py')
+
+    def kept(name, entries):
+        path = tmp_path / f'{name}.results.json'
+        path.write_text(json.dumps({'classes': entries}))
+        return str(path)
+
+    def entry(seed, n_images, last, best, status='done'):
+        return dict(class_name='screw', seed=seed, n_train_images=n_images, train_subset_of=200,
+                    last_auroc=last, max_auroc=best, status=status)
+
+    runs = [kept('s0', [entry(0, 16, 0.60, 0.80)]), kept('s1', [entry(1, 16, 0.70, 0.70)]),
+            kept('s2', [entry(2, 16, 0.10, 0.10, status='failed')]),  # a failed job is not averaged in
+            kept('s64', [entry(0, 64, 0.90, 0.91)]), str(tmp_path / 'not_run_yet')]
+    result = subprocess.run([sys.executable, script, '--runs', *runs, '--full', 'screw=0.93,0.95,200',
+                             '--plot', str(tmp_path / 'few_shot.png')], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| screw')]
+    spread = np.std([0.60, 0.70], ddof=1)
+    assert rows == [f'| screw | 16 of 200 | 2 | 0.6500 ± {spread:.4f} | 0.7500 ± {spread:.4f} |',
+                    '| screw | 64 of 200 | 1 | 0.9000 | 0.9100 |',
+                    '| screw | 200 (all) | 1 | 0.9300 | 0.9500 |']
+    assert 'no results yet' in result.stderr and (tmp_path / 'few_shot.png').stat().st_size > 0
