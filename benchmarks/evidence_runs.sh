@@ -12,9 +12,9 @@ mkdir -p "$E" "$KEPT"
 finished() {  # a results.json in which every job of the run finished and none failed
   [ -f "$1" ] && python -c "import json,sys; r=json.load(open('$1')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"
 }
-keep() {  # the finished run's results and the time summary of the process that finished it
+keep() {  # the finished run's results and the time summary of each process (part) that ran it
   cp $E/$1/results.json $KEPT/$1.results.json
-  grep -E "Elapsed|Maximum resident|Command being timed" $E/$1.log | tail -3 > $KEPT/$1.time.txt
+  grep -E "Elapsed|Maximum resident|Command being timed" $E/$1.log > $KEPT/$1.time.txt
   if [ ! -s $KEPT/$1.time.txt ]; then  # the timing process died before printing: say so, not an empty file
     echo "no /usr/bin/time summary in $E/$1.log; wall_time_s and peak_rss_gib in $1.results.json" > $KEPT/$1.time.txt
   fi
