@@ -5,6 +5,7 @@
 # results/evidence); each finished run's results.json and /usr/bin/time summary are copied to docs/evidence/,
 # which is kept in the repository (a new checkout has no results/). Names in $ONLY (space-separated) run
 # only those runs.
+{  # parsed whole before anything runs: bash reads a script as it goes, and an edit in place while a run goes on would shift what it reads next
 cd "$(dirname "$0")/.."
 E=${EVIDENCE_DIR:-results/evidence}
 KEPT=docs/evidence
@@ -52,3 +53,5 @@ for seed in 0 1 2; do
 done
 run fewshot64_mtd_seed0 --dataset_path $T --class_name mtd --n_train_images 64 --seed 0 $FEW
 run mtd_full --dataset_path $T --class_name mtd --seed 0
+exit
+}
