@@ -9,17 +9,21 @@ from atomic_files import replace_atomically
 
 FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
                     'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
-FEATURE_CACHE_FORMAT = 2  # raise when what a cache file holds, or how its key is made, changes
+FEATURE_CACHE_FORMAT = 3  # raise when what a cache file holds, or how its key is made, changes
+
+
+def file_sha256(path):
+    with open(path, 'rb') as handle:
+        return hashlib.file_digest(handle, 'sha256').hexdigest()
 
 
 def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config, device):
-    """A digest of everything extracted features depend on: each file (path, modification time, size),
-    the transform and extractor settings, the number of views, their seed, the AlexNet weights, and the
-    arithmetic: device type, torch version and, on CUDA, TF32 (other kernels give other float rounding)."""
-    files = []
-    for sample in samples:
-        stat = os.stat(sample.path)
-        files.append([os.path.abspath(sample.path), stat.st_mtime_ns, stat.st_size, sample.label, sample.defect_type])
+    """A digest of everything extracted features depend on: each file (path and the sha256 of its bytes:
+    a data folder copied afresh, with new modification times, still finds its features; any changed byte
+    does not), the transform and extractor settings, the number of views, their seed, the AlexNet weights,
+    and the arithmetic: device type, torch version and, on CUDA, TF32 (other kernels round otherwise)."""
+    files = [[os.path.abspath(sample.path), file_sha256(sample.path), sample.label, sample.defect_type]
+             for sample in samples]
     arithmetic = {'device': torch.device(device).type, 'torch': torch.__version__}
     if arithmetic['device'] == 'cuda':
         arithmetic['tf32'] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]

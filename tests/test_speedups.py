@@ -79,11 +79,26 @@ def test_stale_disk_cache_is_never_used(official_tree, tmp_path):
     first, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
     fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
     assert 'from the feature cache' in messages[-1]
-    # an image changed on disk (new content, new modification time): recomputed, new features
-    changed = test[0].path
+    # the same bytes with new modification times (a data folder copied afresh): the cached features
+    for sample in test:
+        os.utime(sample.path, ns=(os.stat(sample.path).st_atime_ns, os.stat(sample.path).st_mtime_ns + 10**9))
+    again, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
+    assert 'from the feature cache' in messages[-1] and torch.equal(first, again)
+    # an image changed on disk, its size and modification time kept: recomputed, new features
+    import io
     from PIL import Image
-    Image.new('RGB', (40, 40), (0, 255, 0)).save(changed)
-    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+    changed = test[0].path
+    stat = os.stat(changed)
+    colour = Image.open(changed).convert('RGB').getpixel((0, 0))
+    for candidate in [colour[:k] + ((colour[k] + d) % 256,) + colour[k + 1:] for d in range(1, 256) for k in range(3)]:
+        encoded = io.BytesIO()  # another colour whose PNG has as many bytes
+        Image.new('RGB', (40, 40), candidate).save(encoded, 'PNG')
+        if len(encoded.getvalue()) == stat.st_size:
+            break
+    with open(changed, 'wb') as handle:
+        handle.write(encoded.getvalue())
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(changed).st_size == stat.st_size and os.stat(changed).st_mtime_ns == stat.st_mtime_ns
     second, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
     assert 'extracted' in messages[-1] and not torch.equal(first[0], second[0])
     # other settings, another view seed, other weights: never the cached features
