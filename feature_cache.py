@@ -5,16 +5,11 @@ import os
 
 import torch
 
-from atomic_files import replace_atomically
+from atomic_files import file_sha256, replace_atomically
 
 FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
                     'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
 FEATURE_CACHE_FORMAT = 3  # raise when what a cache file holds, or how its key is made, changes
-
-
-def file_sha256(path):
-    with open(path, 'rb') as handle:
-        return hashlib.file_digest(handle, 'sha256').hexdigest()
 
 
 def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config, device):

@@ -1,13 +1,15 @@
 """Magnetic Tile Defects read where it lies, with DifferNet's split; few-shot training on a seeded subset."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import utils
-from conftest import tiny_config
+from conftest import REPO_ROOT, tiny_config
 from errors import UserError
 from main import main
 from references import mean_row_groups
@@ -137,10 +139,7 @@ def test_mtd_is_compared_with_the_papers_table_2():
 
 def test_few_shot_table_averages_finished_runs_per_class_and_size(tmp_path):
     """benchmarks/few_shot_table.py, which prints the table of docs/few_shot_and_mtd.md from kept results."""
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks',
-                          'few_shot_table.py')
+    script = os.path.join(REPO_ROOT, 'benchmarks', 'few_shot_table.py')
 
     def kept(name, entries):
         path = tmp_path / f'{name}.results.json'
