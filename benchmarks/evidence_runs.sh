@@ -15,7 +15,7 @@ finished() {  # a results.json in which every job of the run finished and none f
 }
 keep() {  # the finished run's results and the time summary of each process (part) that ran it
   cp $E/$1/results.json $KEPT/$1.results.json
-  grep -E "Elapsed|Maximum resident|Command being timed" $E/$1.log > $KEPT/$1.time.txt
+  grep -E "^part starts|resumed after meta epoch|Elapsed|Maximum resident|Command being timed" $E/$1.log > $KEPT/$1.time.txt
   if [ ! -s $KEPT/$1.time.txt ]; then  # the timing process died before printing: say so, not an empty file
     echo "no /usr/bin/time summary in $E/$1.log; wall_time_s and peak_rss_gib in $1.results.json" > $KEPT/$1.time.txt
   fi
@@ -28,8 +28,14 @@ run() {  # name, then main.py options; skipped when its kept results say every j
     keep $name; echo "$(date -u +%H:%M:%S) $name had finished; kept"; return; fi
   echo "$(date -u +%H:%M:%S) $name starts"
   if [ -f $E/$name/results.json ]; then
+    # a part that a session's end killed prints no time summary: the time it is credited with ends at its
+    # last resume state, which this line dates
+    state=$(ls -t $E/$name/resume/*.pt 2>/dev/null | head -1)
+    saved=none; [ -n "$state" ] && saved="saved $(date -u -r "$state" '+%F %T') UTC"
+    echo "part starts $(date -u '+%F %T') UTC; the previous part's last resume state: $saved" >> $E/$name.log
     /usr/bin/time -v python main.py --resume $E/$name >> $E/$name.log 2>&1
   else
+    echo "part starts $(date -u '+%F %T') UTC" >> $E/$name.log
     /usr/bin/time -v python main.py "$@" --results_dir $E/$name >> $E/$name.log 2>&1
   fi
   status=$?
