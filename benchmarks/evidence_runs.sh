@@ -27,17 +27,19 @@ run() {  # name, then main.py options; skipped when its kept results say every j
   if finished $E/$name/results.json; then  # finished, but stopped before its results were kept
     keep $name; echo "$(date -u +%H:%M:%S) $name had finished; kept"; return; fi
   echo "$(date -u +%H:%M:%S) $name starts"
+  previous=""
   if [ -f $E/$name/results.json ]; then
     # a part that a session's end killed prints no time summary: the time it is credited with ends at its
-    # last resume state, which this line dates
+    # last resume state, which the part line dates
     state=$(ls -t $E/$name/resume/*.pt 2>/dev/null | head -1)
     saved=none; [ -n "$state" ] && saved="saved $(date -u -r "$state" '+%F %T') UTC"
-    echo "part starts $(date -u '+%F %T') UTC; the previous part's last resume state: $saved" >> $E/$name.log
-    /usr/bin/time -v python main.py --resume $E/$name >> $E/$name.log 2>&1
+    previous="; the previous part's last resume state: $saved"
+    options=(--resume $E/$name)
   else
-    echo "part starts $(date -u '+%F %T') UTC" >> $E/$name.log
-    /usr/bin/time -v python main.py "$@" --results_dir $E/$name >> $E/$name.log 2>&1
+    options=("$@" --results_dir $E/$name)
   fi
+  echo "part starts $(date -u '+%F %T') UTC$previous" >> $E/$name.log
+  /usr/bin/time -v python main.py "${options[@]}" >> $E/$name.log 2>&1
   status=$?
   echo "$(date -u +%H:%M:%S) $name ended with $status"
   if [ $status -eq 0 ]; then keep $name; fi
