@@ -18,7 +18,7 @@ from features import TEST_VIEW_SEED_OFFSET, fixed_view_features, prepare_extract
 from hardware import resolve_device
 from localization import export_map, gradient_map, map_file_name
 from model import load_checkpoint
-from settings import build_config, validate_threshold_fpr
+from settings import build_config, config_defaults, validate_threshold_fpr
 from train import score_features
 from utils import Sample, image_extensions, image_problems, is_image_name, to_rgb
 
@@ -122,6 +122,24 @@ def scoring_settings(checkpoint_settings, config):
     return types.SimpleNamespace(**values)
 
 
+def comparable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def overruled_settings(checkpoint_settings, config):
+    """{name: (asked, used)} of the settings `config` changes from config.py's values that the checkpoint
+    fixes otherwise: scoring uses the checkpoint's, as its threshold and reference scores were made with
+    them, and says so instead of dropping the request silently."""
+    defaults = config_defaults()
+    overruled = {}
+    for name, used in checkpoint_settings.items():
+        asked = getattr(config, name, used)
+        changed = name in defaults and comparable(asked) != comparable(defaults[name])
+        if changed and comparable(asked) != comparable(used):
+            overruled[name] = (asked, used)
+    return overruled
+
+
 class ImageScore(NamedTuple):
     """The score of one image: `raw` (the mean z^2 over its views), `score` (raw on 0..1, the threshold at
     0.5: `normalized_scores`), the decision, and its gradient map (s, s) when asked for."""
@@ -180,6 +198,11 @@ class Scorer:
         self.checkpoint_path = checkpoint_path
         self.model, self.checkpoint = load_checkpoint(checkpoint_path, config)
         self.settings = scoring_settings(self.checkpoint['settings'], config)
+        overruled = overruled_settings(self.checkpoint['settings'], config)
+        if overruled:
+            fixed = ', '.join(f'{name} {used!r} (asked: {asked!r})' for name, (asked, used) in overruled.items())
+            log(f'the checkpoint fixes {fixed}: its threshold and reference scores were made with these, so '
+                'they are used')
         self.threshold, self.threshold_origin = decision_threshold(
             self.checkpoint['reference_scores'], config.threshold_fpr, threshold, checkpoint_path)
         self.normalization = score_normalization(self.checkpoint['reference_scores'], self.threshold)

@@ -347,6 +347,20 @@ def test_default_threshold_comes_from_training_scores(trained_run, masked_tree, 
     assert [row['decision'] for row in read_csv(tmp_path / 's.csv')] == ['good'] * 4  # threshold = their max
 
 
+def test_settings_the_checkpoint_fixes_are_named_not_dropped_silently(trained_run, masked_tree, tmp_path, capsys):
+    out, entry = trained_run
+    code = main(['--score', str(masked_tree / 'part' / 'test'), '--checkpoint', str(out / 'part_checkpoint.pt'),
+                 '--n_transforms_test', '2', '--img_size', '128', '--device', 'cpu',
+                 '--score_out', str(tmp_path / 's.csv')])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert 'the checkpoint fixes img_size 64 (asked: 128), n_transforms_test 4 (asked: 2)' in printed
+    assert '(4 views each)' in printed
+    by_file = dict(zip(entry['test_files'], entry['test_scores']))
+    for row in read_csv(tmp_path / 's.csv'):  # scored with the checkpoint's values
+        assert float(row['raw_score']) == pytest.approx(by_file[os.path.relpath(row['file'], masked_tree)], abs=1e-6)
+
+
 def test_threshold_at_fpr():
     scores = np.arange(100.0)
     assert threshold_at_fpr(scores, 0.01) == 98.0   # only 99 exceeds it
