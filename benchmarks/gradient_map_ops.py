@@ -10,11 +10,7 @@ same input gradients; pixel AUROC and AUPRO both ways (exact and binned), and ho
 
 Prints figures only. Map differences are of maps scaled to their own min..max (as the PNGs show them).
 
-Measured (2026-11-29) on a bottle checkpoint of 1 x 1 epochs, pool of 4, image AUROC 0.9802, 8 views,
-all 83 test images: normalized maps differ by at most 0.144 (median per-image max 0.032, mean 0.00065;
-the largest differences inside the image, not at the borders); pixel AUROC 0.888020 (previous) vs
-0.887994 (official), AUPRO@0.3 0.596788 vs 0.596728; binned equal to exact within 1e-7 (bounds 2.6e-5,
-7.8e-5).
+What it printed on bottle, and the command: docs/faithfulness.md (gradient maps).
 """
 import argparse
 import os
