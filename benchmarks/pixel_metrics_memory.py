@@ -43,8 +43,10 @@ def synthetic_mask(index, size):
         return mask
     rng = np.random.RandomState(index)
     rows, cols = np.ogrid[:size, :size]
+    margin, largest = min(50, size // 4), min(60, size // 4)  # MVTec-sized masks: 50 and 60 px; small ones scale
     for _ in range(rng.randint(1, 4)):
-        row, col, radius = rng.randint(50, size - 50), rng.randint(50, size - 50), rng.randint(5, 60)
+        row, col = rng.randint(margin, size - margin), rng.randint(margin, size - margin)
+        radius = rng.randint(min(5, largest - 1), largest)
         mask |= (rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2
     return mask
 
