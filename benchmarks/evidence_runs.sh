@@ -4,7 +4,8 @@
 # run is skipped, an interrupted one continues with --resume. Working folders and logs: $EVIDENCE_DIR (default
 # results/evidence); each finished run's results.json and /usr/bin/time summary are copied to docs/evidence/,
 # which is kept in the repository (a new checkout has no results/). Names in $ONLY (space-separated) run
-# only those runs.
+# only those runs. $FEATURE_CACHE_DIR sets a new run's --feature_cache_dir (default data/feature_cache):
+# with $EVIDENCE_DIR on storage that outlives the checkout, a run can continue from another clone.
 {  # parsed whole before anything runs: bash reads a script as it goes, and an edit in place while a run goes on would shift what it reads next
 cd "$(dirname "$0")/.."
 E=${EVIDENCE_DIR:-results/evidence}
@@ -36,7 +37,7 @@ run() {  # name, then main.py options; skipped when its kept results say every j
     previous="; the previous part's last resume state: $saved"
     options=(--resume $E/$name)
   else
-    options=("$@" --results_dir $E/$name)
+    options=("$@" --results_dir $E/$name ${FEATURE_CACHE_DIR:+--feature_cache_dir $FEATURE_CACHE_DIR})
   fi
   echo "part starts $(date -u '+%F %T') UTC$previous" >> $E/$name.log
   /usr/bin/time -v python main.py "${options[@]}" >> $E/$name.log 2>&1
