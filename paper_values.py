@@ -4,6 +4,7 @@ Every setting of config.py is in exactly one of PAPER_VALUES, NUMBER_NEUTRAL_SET
 SETTINGS_WITHOUT_PAPER_VALUE (tests/test_deviations.py): a setting that can change a number and has a
 paper/official value is compared with it here, and printed with every result when it differs.
 """
+from settings import same_value
 
 # The paper's values and the official code's behaviour; results.md lists every setting that differs.
 # Every setting of config.py is in exactly one of PAPER_VALUES, NUMBER_NEUTRAL_SETTINGS and
@@ -54,7 +55,5 @@ SETTINGS_WITHOUT_PAPER_VALUE = {
 
 def deviations_from_paper(config):
     """[(name, value, paper value)] for every setting that can change a number and differs."""
-    def same(value, reference):
-        return tuple(value) == reference if isinstance(reference, tuple) else value == reference
     return [(name, getattr(config, name), reference) for name, reference in PAPER_VALUES.items()
-            if not same(getattr(config, name), reference)]
+            if not same_value(getattr(config, name), reference)]

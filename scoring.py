@@ -18,7 +18,7 @@ from features import TEST_VIEW_SEED_OFFSET, fixed_view_features, prepare_extract
 from hardware import resolve_device
 from localization import export_map, gradient_map, map_file_name
 from model import load_checkpoint
-from settings import build_config, config_defaults, validate_threshold_fpr
+from settings import build_config, config_defaults, same_value, validate_threshold_fpr
 from train import score_features
 from utils import Sample, image_extensions, image_problems, is_image_name, to_rgb
 
@@ -122,10 +122,6 @@ def scoring_settings(checkpoint_settings, config):
     return types.SimpleNamespace(**values)
 
 
-def comparable(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
 def overruled_settings(checkpoint_settings, config):
     """{name: (asked, used)} of the settings `config` changes from config.py's values that the checkpoint
     fixes otherwise: scoring uses the checkpoint's, as its threshold and reference scores were made with
@@ -134,8 +130,8 @@ def overruled_settings(checkpoint_settings, config):
     overruled = {}
     for name, used in checkpoint_settings.items():
         asked = getattr(config, name, used)
-        changed = name in defaults and comparable(asked) != comparable(defaults[name])
-        if changed and comparable(asked) != comparable(used):
+        changed = name in defaults and not same_value(asked, defaults[name])
+        if changed and not same_value(asked, used):
             overruled[name] = (asked, used)
     return overruled
 

@@ -21,6 +21,14 @@ POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal',
                      'extract_batch_size_cuda')
 
 
+def same_value(value, other):
+    """Whether two values of a setting are equal, a list and a tuple of the same items alike (config.py and
+    the command line give tuples; JSON files and checkpoints hold lists)."""
+    def plain(item):
+        return list(item) if isinstance(item, (list, tuple)) else item
+    return plain(value) == plain(other)
+
+
 def config_defaults():
     """{name: value} of config.py, in file order."""
     return {name: getattr(default_config, name) for name in config_comments()}

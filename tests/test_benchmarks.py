@@ -8,13 +8,14 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
+
 BENCHMARKS = sorted(glob.glob(os.path.join(REPO_ROOT, 'benchmarks', '*.py')))
 
 
-def benchmark(name, *args, cwd=None):
+def benchmark(name, *args):
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'benchmarks', name), *args],
-                          capture_output=True, text=True, cwd=cwd or REPO_ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
 
 @pytest.mark.parametrize('path', BENCHMARKS, ids=os.path.basename)
