@@ -18,6 +18,7 @@ frozen, but the gradient still flows through them to the input, so nothing here 
 Pixel-level AUROC and AUPRO of these maps against the ground-truth masks (metrics.py) are OUR extension:
 the paper reports neither (it shows maps qualitatively only).
 """
+import logging
 import os
 
 import matplotlib
@@ -27,37 +28,43 @@ from PIL import Image
 from scipy import ndimage
 from torchvision import transforms
 
-from features import TEST_VIEW_SEED_OFFSET, extract_batch_size
+from base.file_names import map_png_name
+from base.metrics import AUPRO_MAX_FPR, pixel_auroc, pixel_metrics
 from freia_funcs import nll_loss
-from metrics import AUPRO_MAX_FPR, pixel_auroc, pixel_metrics
-from utils import MultiViewDataset, Sample, fixed_angles, load_mask, load_rgb
+from image_data.image_files import Sample, load_mask, load_rgb
+from model import TEST_VIEW_SEED_OFFSET, view_scores
+from utils import MultiViewDataset, fixed_angles
 
 matplotlib.use('Agg')  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+logger = logging.getLogger(__name__)
 
 BLUR_SIGMA = 3.0  # paper and official code
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, scipy.ndimage.gaussian_filter's default (official blur)
 
 
 def input_gradients(model, views, chunk_size=None):
-    """(dL/dviews (n, 3, s, s), score): L = nll_loss of the views through `model`, the score the mean
-    z^2 over views and dimensions (the image's anomaly score from the same pass).
+    """(dL/dviews (n, 3, s, s), score): L = nll_loss of the views through `model` under its precision, the
+    score the mean of the views' `model.view_scores` (the image's anomaly score from the same pass).
 
     L is a mean over views of terms that each depend on one view only, so the views can go through in
     chunks of `chunk_size` (memory: AlexNet's activations are kept for the backward pass); each chunk's
     gradient is scaled by its share of the views, which gives the full pass's gradient.
     """
     chunk_size = chunk_size or len(views)
-    gradients, squared_sum = [], 0.0
+    gradients, scores = [], []
     for chunk in views.split(chunk_size):
-        chunk = chunk.detach().clone().requires_grad_(True)
-        z, log_jac_det = model(chunk)
+        chunk = model.in_memory_format(chunk.detach().clone()).requires_grad_(True)
+        with model.autocast():
+            z, log_jac_det = model.nf(model.features(chunk).float())
+        z, log_jac_det = z.float(), log_jac_det.float()
         loss = nll_loss(z, log_jac_det) * (len(chunk) / len(views))
         # autograd.grad, not backward: the flow's own .grad fields stay untouched
         gradient, = torch.autograd.grad(loss, chunk)
-        gradients.append(gradient)
-        squared_sum += float(torch.sum(z.detach().double() ** 2))
-    return torch.cat(gradients), squared_sum / (len(views) * model.n_features)
+        gradients.append(gradient.float())
+        scores.append(view_scores(z.detach().double()))
+    return torch.cat(gradients), float(torch.cat(scores).mean())
 
 
 def rotate_back(maps, angles):
@@ -103,7 +110,7 @@ def view_gradients(model, image_path, config, device, image=None):
     dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
                                view_seed=config.seed + TEST_VIEW_SEED_OFFSET,  # colour jitter draws as the test views
                                images=None if image is None else [image])
-    return input_gradients(model, dataset.views_of(0, device), extract_batch_size(config, device))
+    return input_gradients(model, dataset.views_of(0, device), model.views_per_pass)
 
 
 def save_map_png(path, image, heat_map, mask, title):
@@ -158,12 +165,7 @@ def masks_from_sources(mask_sources):
         yield load_mask(mask_path) if mask_path is not None else np.zeros(shape, dtype=bool)
 
 
-def map_png_name(defect_type, image_path):
-    """The PNG name of an anomalous test image's gradient map in maps/<stem>/ (report.html shows them)."""
-    return f'{defect_type}_{os.path.splitext(os.path.basename(image_path))[0]}.png'
-
-
-def localize_class(model, test_samples, config, device, out_dir, log=print):
+def localize_class(model, test_samples, config, device, out_dir):
     """Maps for every test image; a PNG in `out_dir` for each anomalous one; pixel metrics.
 
     Pixel metrics pool the anomalous images that have a mask and the defect-free test images (their
@@ -190,7 +192,7 @@ def localize_class(model, test_samples, config, device, out_dir, log=print):
                 mask_sources.append((None, image.size[::-1]))
         maps.append(heat_map)
         defect_types.append(defect_type if label else None)
-    log(f'gradient maps: {n_anomalous} PNGs in {out_dir}; {n_with_mask} anomalous images have a mask')
+    logger.info(f'gradient maps: {n_anomalous} PNGs in {out_dir}; {n_with_mask} anomalous images have a mask')
     result = {'maps_dir': out_dir, 'n_pixel_metric_images': len(maps), 'pixel_auroc': None,
               'pixel_auroc_per_defect_type': {}, 'aupro': None}
     if n_with_mask == 0:
@@ -202,13 +204,7 @@ def localize_class(model, test_samples, config, device, out_dir, log=print):
         result['pixel_auroc_per_defect_type'][defect_type] = pixel_auroc(
             [maps[i] for i in picked], masks_from_sources(mask_sources[i] for i in picked))
     per_type = ', '.join(f'{k} {v:.4f}' for k, v in result['pixel_auroc_per_defect_type'].items())
-    log(f"pixel AUROC (ours, not in the paper): {result['pixel_auroc']:.4f} ({per_type}); "
+    logger.info(f"pixel AUROC (ours, not in the paper): {result['pixel_auroc']:.4f} ({per_type}); "
         f"AUPRO@{AUPRO_MAX_FPR}: {result['aupro']:.4f} (binned: within {metrics['pixel_auroc_max_error']:.1e} "
         f"and {metrics['aupro_max_error']:.1e} of the exact values)")
     return result
-
-
-def map_file_name(image_path, common_root):
-    """A flat PNG name for an image: its path below `common_root` with separators as '__'."""
-    relative = os.path.relpath(os.path.abspath(image_path), common_root)
-    return os.path.splitext(relative)[0].replace(os.sep, '__') + '_map.png'

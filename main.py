@@ -11,13 +11,17 @@ weights, trains the flow, prints the AUROC after every meta epoch and writes res
 """
 import argparse
 import difflib
+import logging
 import re
 import signal
 import sys
 
-from errors import UserError
-from launch import RankZeroError, prefix_output, torchrun_launch
-from settings import AUTO_SETTINGS, build_config, config_comments, config_defaults, parse_value
+from base.errors import UserError
+from base.launch import RankZeroError, prefix_stderr, torchrun_launch
+from base.logs import configure_logging
+from base.settings import AUTO_SETTINGS, build_config, config_comments, config_defaults, parse_value, resumed_config
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigArgumentParser(argparse.ArgumentParser):
@@ -51,7 +55,9 @@ def parse_command_line(argv):
         parser.add_argument(f'--{name}', type=typed, default=default, metavar='VALUE',
                             help=f'{comment} (default: {default!r})')
     parser.add_argument('--resume', metavar='RESULTS_DIR', default='',
-                        help='continue an interrupted run exactly where it stopped, with its own config and seeds')
+                        help='continue an interrupted run exactly where it stopped, with its own config and seeds; '
+                             'options that change no number (device, num_workers, feature_cache_dir, ...) apply, '
+                             'others are refused')
     scoring = parser.add_argument_group('scoring new images (instead of training)')
     scoring.add_argument('--score', nargs='+', metavar='PATH', help='image files or folders (searched recursively)')
     scoring.add_argument('--checkpoint', metavar='FILE', help='a <class>_checkpoint.pt of a run, or an official '
@@ -63,7 +69,10 @@ def parse_command_line(argv):
     scoring.add_argument('--export', metavar='FILE.onnx', help='write the checkpoint as an ONNX model of the scoring '
                          'path, with FILE.json beside it (docs/usage.md)')
     args = parser.parse_args(argv)
-    return build_config(**{name: getattr(args, name) for name in defaults}), args
+    config = build_config(**{name: getattr(args, name) for name in defaults})
+    given = {word[2:].split('=')[0] for word in argv if word.startswith('--')}
+    args.given = {name: getattr(config, name) for name in defaults if name in given}  # typed on the command line
+    return config, args
 
 
 def raise_keyboard_interrupt(signal_number, frame):
@@ -76,22 +85,24 @@ def run_command(argv, launch):
     if args.export:
         if launch or args.score:
             raise UserError('--export runs alone in one process: python main.py --export FILE --checkpoint FILE')
-        from export import export_command  # loads torch and onnxruntime: only for this command
+        from deployment.export import export_command  # loads torch and onnxruntime: only for this command
         export_command(config, args)
         return 0, 1
     if args.score or args.checkpoint:
         if launch:
             raise UserError('--score runs in one process: python main.py --score ..., not under torchrun')
-        from scoring import score_command  # the command's modules load torch: only now, not for --help
+        from deployment.scoring import score_command  # the command's modules load torch: only now, not for --help
         score_command(config, args)
         return 0, 1
-    from jobs import load_run_to_resume, run
-    from sweep import run_sweep
+    from runner.jobs import run
+    from runner.run_folder import load_run_to_resume
+    from runner.sweep import run_sweep
     resume = None
     if args.resume:
-        config, previous = load_run_to_resume(args.resume)
+        saved, previous = load_run_to_resume(args.resume)
+        config, changes = resumed_config(saved, args.given, args.resume)
         resume = (args.resume, previous)
-        print(f'Resuming {args.resume} with its own configuration (other options are ignored)')
+        logger.info('\n'.join([f'Resuming {args.resume} with its own configuration'] + changes))
     if launch:
         _, n_failed, n_done = run_sweep(config, launch, resume)
         return (0, 1) if launch.rank != 0 else (n_failed, n_done)
@@ -109,7 +120,8 @@ def main(argv=None):
     if '-h' in argv or '--help' in argv:
         parse_command_line(argv)  # prints the help and exits before torch is imported: about a second
     launch = torchrun_launch()
-    restore_output = prefix_output(launch) if launch else None
+    configure_logging(launch.rank if launch else None)
+    restore_output = prefix_stderr(launch) if launch else None
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
         n_failed, n_done = run_command(argv, launch)

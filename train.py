@@ -3,6 +3,7 @@
 The AlexNet extractor is frozen, so it runs under no_grad and its features go straight into the flow;
 the official code instead backpropagates through it at every step (the optimizer never updates it).
 """
+import logging
 import math
 import os
 import random
@@ -11,13 +12,16 @@ import time
 import numpy as np
 import torch
 
-from features import (POOL_VIEW_SEED_OFFSET, TEST_VIEW_SEED_OFFSET, autocast, collect_features, fixed_view_features,
-                      loader_features, make_loader, prepare_extractor, progress, view_backend)
-from atomic_files import WriteFailed
+from base.atomic_files import WriteFailed
+from base.metrics import auroc_or_nan
+from base.resume_state import load_resume_state, save_resume_state
+from base.settings import settings_group
 from freia_funcs import nll_loss
-from metrics import auroc_or_nan
-from resume_state import load_resume_state, save_resume_state
-from utils import MultiViewDataset
+from model import (POOL_VIEW_SEED_OFFSET, TEST_VIEW_SEED_OFFSET, batch_features, dataset_features, score_view_features,
+                   seeded_view_features)
+from utils import MultiViewDataset, dataset_loader, progress, view_backend
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed):
@@ -45,25 +49,26 @@ class ScoreObserver:
         return is_new_max
 
 
-def make_optimizer(flow, config):
-    """Adam on the flow's parameters with the paper's values."""
-    options = dict(lr=config.lr_init, betas=tuple(config.adam_betas), eps=config.adam_eps,
-                   weight_decay=config.weight_decay)
-    if config.adam_fused:
+def make_optimizer(flow, training):
+    """Adam on the flow's parameters with the paper's values (settings group 'training')."""
+    options = dict(lr=training.lr_init, betas=tuple(training.adam_betas), eps=training.adam_eps,
+                   weight_decay=training.weight_decay)
+    if training.adam_fused:
         options['fused'] = True
     return torch.optim.Adam(flow.parameters(), **options)
 
 
-def flow_step(model, optimizer, features, config):
-    """One Adam step on a batch of feature vectors (N, D); returns the loss as a 0-d tensor on the
-    features' device (reading it would wait for the GPU at every step; `loss_values` reads many at once)."""
+def flow_step(model, optimizer, features, max_grad_norm=0.0):
+    """One Adam step on a batch of feature vectors (N, D), under the model's precision; returns the loss as a
+    0-d tensor on the features' device (reading it would wait for the GPU at every step; `loss_values` reads
+    many at once). `max_grad_norm` > 0 clips the flow's gradient norm first."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(config, features.device):
+    with model.autocast():
         z, log_jac_det = model.nf(features)
     loss = nll_loss(z.float(), log_jac_det.float())
     loss.backward()
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.nf.parameters(), config.max_grad_norm)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.nf.parameters(), max_grad_norm)
     optimizer.step()
     return loss.detach()
 
@@ -82,20 +87,6 @@ def pool_batches(pool, batch_size, n_views):
     for image_ids in torch.randperm(n_images).split(batch_size):
         picks = torch.rand(len(image_ids), pool_size).argsort(dim=1)[:, :n_views]
         yield pool[image_ids.to(pool.device).unsqueeze(1), picks.to(pool.device)].reshape(-1, pool.shape[-1])
-
-
-def score_features(model, test_features, config):
-    """Anomaly score of each image (mean z^2 over its views and dimensions) and the test loss (the mean
-    over batches of `batch_size_test` images of the training loss), as the official evaluation."""
-    scores, losses = [], []
-    with torch.no_grad(), autocast(config, test_features.device):
-        for batch in test_features.split(config.batch_size_test):
-            z, log_jac_det = model.nf(batch.reshape(-1, batch.shape[-1]))
-            z, log_jac_det = z.float(), log_jac_det.float()
-            losses.append(nll_loss(z, log_jac_det).reshape(1))
-            scores.append(torch.mean(z.view(*batch.shape) ** 2, dim=(-2, -1)).float())
-    # one copy to the host at the end, not a wait for the GPU per batch
-    return torch.cat(scores).cpu().numpy(), float(np.mean(torch.cat(losses).double().cpu().numpy()))
 
 
 class TrainingDiverged(Exception):
@@ -118,7 +109,7 @@ class TrainingState:
         self.scores = self.best_scores = None
         self.first_meta_epoch, self.elapsed_before = 0, 0.0
 
-    def resume_from(self, path, model, optimizer, log):
+    def resume_from(self, path, model, optimizer):
         """Continues from the state --resume wrote at `path` (flow, Adam, history, random streams)."""
         state = load_resume_state(path, model, optimizer)
         self.history = state['history']
@@ -127,7 +118,7 @@ class TrainingState:
         self.scores, self.best_scores = np.array(state['scores']), np.array(state['best_scores'])
         self.elapsed_before = state['elapsed_s']
         self.first_meta_epoch = state['meta_epoch'] + 1
-        log(f'resumed after meta epoch {state["meta_epoch"]} from {path}')
+        logger.info(f'resumed after meta epoch {state["meta_epoch"]} from {path}')
 
     def record_evaluation(self, meta_epoch, scores, test_loss, auroc):
         """Adds one meta epoch's evaluation; returns True when its AUROC is a new maximum."""
@@ -150,68 +141,66 @@ class TrainingState:
         return self.history
 
 
-def test_features_source(model, test_samples, config, device, log):
+def test_features_source(model, test_samples, config, device):
     """(features_of(meta_epoch), labels) of the test set: with cache_test_features its views are drawn and
     extracted once (from the seed); otherwise they are drawn anew from the run's stream at every meta epoch,
     as the official code does."""
     if config.cache_test_features:
-        features, labels = fixed_view_features(
+        features, labels = seeded_view_features(
             model, test_samples, config.n_transforms_test, config.seed + TEST_VIEW_SEED_OFFSET, config, device,
-            'test views', log, fixed_rotations=config.fixed_test_rotations)
+            'test views', fixed_rotations=config.fixed_test_rotations)
         return (lambda meta_epoch: features), labels
     test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
                                 fixed_rotations=config.fixed_test_rotations, keep_images=True,
-                                backend=view_backend(config, device))
-    loader = make_loader(test_set, config.batch_size_test, False, config, device, log)
-    return (lambda meta_epoch: collect_features(model, loader, device, config, f'test {meta_epoch}')[0]), \
-        test_set.labels
+                                backend=view_backend(config.view_backend, device))
+    loader = dataset_loader(test_set, config.batch_size_test, False, config.num_workers, device)
+    return (lambda meta_epoch: dataset_features(model, loader, device, config.hide_tqdm_bar,
+                                                f'test {meta_epoch}')[0]), test_set.labels
 
 
-def training_batches_source(model, train_samples, config, device, log):
+def training_batches_source(model, train_samples, config, device):
     """A function returning one sub epoch's batches of feature vectors (n_images * n_transforms, D): views
     made and extracted on-line (the official behaviour), or drawn from a pool extracted once."""
     if config.train_feature_pool > 0:
-        pool, _ = fixed_view_features(model, train_samples, config.train_feature_pool,
-                                      config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool', log)
+        pool, _ = seeded_view_features(model, train_samples, config.train_feature_pool,
+                                       config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool')
         return lambda: pool_batches(pool, config.batch_size, config.n_transforms)
     train_set = MultiViewDataset(train_samples, config.n_transforms, config, keep_images=True,
-                                 backend=view_backend(config, device))
-    loader = make_loader(train_set, config.batch_size, True, config, device, log)
+                                 backend=view_backend(config.view_backend, device))
+    loader = dataset_loader(train_set, config.batch_size, True, config.num_workers, device)
     return lambda: (features.reshape(-1, features.shape[-1])
-                    for features, _ in loader_features(model, loader, device, config))
+                    for features, _ in batch_features(model, loader, device))
 
 
 def train_sub_epoch(model, optimizer, batches, config, label, steps):
     """One pass over `batches` with a flow step each; returns the step losses as floats (read once at the
     end: reading each would wait for a GPU at every step)."""
     losses = []
-    bar = progress(batches, config, f'train {label}', total=steps)
+    bar = progress(batches, config.hide_tqdm_bar, f'train {label}', total=steps)
     for batch in bar:
-        losses.append(flow_step(model, optimizer, batch, config))
+        losses.append(flow_step(model, optimizer, batch, config.max_grad_norm))
         if not bar.disable:  # a shown bar reads every loss
             bar.set_postfix(loss=f'{float(losses[-1]):.4f}', refresh=False)
     bar.close()
     return loss_values(losses)
 
 
-def evaluate(model, test_features, test_labels, config):
+def evaluate(model, test_features, test_labels, batch_size_test):
     """(scores, test loss, AUROC) of the test set with the flow in eval mode."""
-    model.eval()
-    scores, test_loss = score_features(model, test_features, config)
+    scores, test_loss = score_view_features(model, test_features, batch_size_test)
     return scores, test_loss, auroc_or_nan(test_labels, scores)
 
 
-def log_evaluation(log, config, meta_epoch, test_loss, auroc, observer):
-    if config.verbose:
-        log(f'Epoch: {meta_epoch} \t test_loss: {test_loss:.4f}')
+def log_evaluation(verbose, meta_epoch, test_loss, auroc, observer):
+    if verbose:
+        logger.info(f'Epoch: {meta_epoch} \t test_loss: {test_loss:.4f}')
     if math.isnan(auroc):
-        log('AUROC: not defined (the test set has no anomalous images)')
+        logger.info('AUROC: not defined (the test set has no anomalous images)')
     else:
-        log(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
+        logger.info(f'AUROC: last {auroc:.4f} max {observer.max_score:.4f} epoch_max {observer.max_epoch}')
 
 
-def train_class(model, train_samples, test_samples, config, device, log=print, on_meta_epoch=None,
-                resume_path=None):
+def train_class(model, train_samples, test_samples, config, device, on_meta_epoch=None, resume_path=None):
     """Trains the flow of `model` on `train_samples`, evaluating on `test_samples` after every meta epoch.
 
     Samples are utils.Sample. Returns the history: AUROC and test loss per meta epoch, train loss per sub
@@ -222,20 +211,19 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
     TrainingDiverged on a NaN/inf loss.
     """
     start = time.time()
-    model.to(device).use_flow_kernel(config.cpu_flow_kernel)
-    prepare_extractor(model, config)
-    optimizer = make_optimizer(model.nf, config)
+    model.prepare(settings_group(config, 'numerics'), device)
+    optimizer = make_optimizer(model.nf, settings_group(config, 'training'))
     state = TrainingState()
-    test_features_of, test_labels = test_features_source(model, test_samples, config, device, log)
-    sub_epoch_batches = training_batches_source(model, train_samples, config, device, log)
+    test_features_of, test_labels = test_features_source(model, test_samples, config, device)
+    sub_epoch_batches = training_batches_source(model, train_samples, config, device)
     if resume_path and os.path.isfile(resume_path):
-        state.resume_from(resume_path, model, optimizer, log)
+        state.resume_from(resume_path, model, optimizer)
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
     last_state_write = start
     for meta_epoch in range(state.first_meta_epoch, config.meta_epochs):
         model.train()
         if config.verbose:
-            log(f'\nTrain epoch {meta_epoch}')
+            logger.info(f'\nTrain epoch {meta_epoch}')
         epoch_losses = []
         for sub_epoch in range(config.sub_epochs):
             losses = train_sub_epoch(model, optimizer, sub_epoch_batches(), config, f'{meta_epoch}.{sub_epoch}',
@@ -246,11 +234,11 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
                                        state.finished_history(test_labels, time.time() - start))
             epoch_losses.append(float(np.mean(losses)))
             if config.verbose:
-                log(f'Epoch: {meta_epoch}.{sub_epoch} \t train loss: {epoch_losses[-1]:.4f}')
+                logger.info(f'Epoch: {meta_epoch}.{sub_epoch} \t train loss: {epoch_losses[-1]:.4f}')
         state.history['train_loss'].append(epoch_losses)
-        scores, test_loss, auroc = evaluate(model, test_features_of(meta_epoch), test_labels, config)
+        scores, test_loss, auroc = evaluate(model, test_features_of(meta_epoch), test_labels, config.batch_size_test)
         is_new_max = state.record_evaluation(meta_epoch, scores, test_loss, auroc)
-        log_evaluation(log, config, meta_epoch, test_loss, auroc, state.observer)
+        log_evaluation(config.verbose, meta_epoch, test_loss, auroc, state.observer)
         # after the last meta epoch nothing is left to resume; between writes at most resume_interval_s
         # of training is redone by --resume (each write holds the flow and Adam's moments)
         if resume_path and meta_epoch < config.meta_epochs - 1 and \
@@ -259,7 +247,7 @@ def train_class(model, train_samples, test_samples, config, device, log=print, o
                 save_resume_state(resume_path, meta_epoch, model, optimizer, state.history, scores,
                                   state.best_scores, state.elapsed_before + time.time() - start)
             except WriteFailed as error:  # an earlier state, if any, stays whole: --resume starts there
-                log(f'warning: {error}; training goes on without a newer resume state')
+                logger.warning(f'warning: {error}; training goes on without a newer resume state')
                 resume_path = None
             last_state_write = time.time()
         if on_meta_epoch is not None:

@@ -18,7 +18,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from summary import mean_std_text  # noqa: E402
+from reporting.summary import mean_std_text  # noqa: E402
 
 
 def collect(run_dirs, full):

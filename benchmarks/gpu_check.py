@@ -27,14 +27,16 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from atomic_files import read_json  # noqa: E402
-from demo_data import DEMO_CLASS, generate_demo_dataset  # noqa: E402
-from features import extract_view_features, make_loader, prepare_extractor  # noqa: E402
-from jobs import run  # noqa: E402
+from base.atomic_files import read_json  # noqa: E402
+from image_data.demo_data import DEMO_CLASS, generate_demo_dataset  # noqa: E402
+from model import view_features
+from utils import dataset_loader
+from runner.jobs import run  # noqa: E402
 from model import DifferNet  # noqa: E402
-from settings import build_config  # noqa: E402
+from base.settings import build_config  # noqa: E402
 from train import flow_step, make_optimizer  # noqa: E402
-from utils import MultiViewDataset, find_class_samples  # noqa: E402
+from utils import MultiViewDataset
+from image_data.layouts import find_class_samples
 
 QUICK = dict(img_size=64, n_scales=1, n_coupling_blocks=2, fc_internal=32, meta_epochs=2, sub_epochs=1,
              n_transforms_test=4, pretrained=False, extract_batch_size_cuda=64)
@@ -88,10 +90,10 @@ def extractor_rates(base, device, n_views, repeats):
         config = build_config(**{**vars(base), 'bf16_autocast': bf16})
         torch.manual_seed(0)
         model = DifferNet(config).to(device).eval()
-        prepare_extractor(model, config)
+        model.prepare(config, 'cpu')
         views = torch.randn(n_views, 3, config.img_size, config.img_size, device=device)
         with tf32(allow_tf32):
-            seconds = seconds_per_call(lambda: extract_view_features(model, views, config), device, repeats)
+            seconds = seconds_per_call(lambda: view_features(model, views, (config.norm_mean, config.norm_std)), device, repeats)
         rates[label] = round(n_views / seconds, 1)
         log(f'extraction {label}: {rates[label]} views/s ({n_views} views per call)')
     return rates
@@ -102,7 +104,7 @@ def view_making_rates(config, samples, device, repeats):
     rates = {}
     for backend in ('tensor', 'pil'):
         dataset = MultiViewDataset(samples, config.n_transforms, config, keep_images=True, backend=backend)
-        loader = make_loader(dataset, config.batch_size, True, config, device)
+        loader = dataset_loader(dataset, config.batch_size, True, config, device)
 
         def one_pass():
             for batch, _ in loader:
@@ -119,7 +121,7 @@ def flow_step_ms(config, device, repeats):
     model = DifferNet(config).to(device)
     optimizer = make_optimizer(model.nf, config)
     features = torch.randn(config.batch_size * config.n_transforms, model.n_features, device=device)
-    return round(1000 * seconds_per_call(lambda: flow_step(model, optimizer, features, config), device, repeats), 3)
+    return round(1000 * seconds_per_call(lambda: flow_step(model, optimizer, features, config.max_grad_norm), device, repeats), 3)
 
 
 def full_run(config, device, work_dir):

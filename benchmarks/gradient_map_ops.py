@@ -25,12 +25,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from localization import BLUR_SIGMA, BLUR_TRUNCATE, combine_views, gaussian_blur, rotate_back, view_gradients  # noqa: E402
-from metrics import pixel_metrics  # noqa: E402
+from base.metrics import pixel_metrics  # noqa: E402
 from model import load_checkpoint  # noqa: E402
-from scoring import prepare_model, scoring_settings  # noqa: E402
-from settings import build_config  # noqa: E402
+from deployment.scoring import scoring_settings  # noqa: E402
+from base.settings import build_config  # noqa: E402
 from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
-from utils import find_class_samples, fixed_angles, load_mask  # noqa: E402
+from image_data.layouts import find_class_samples
+from utils import fixed_angles
+from image_data.image_files import load_mask
 
 
 def previous_map(gradients, angles):
@@ -117,7 +119,7 @@ def main():
     settings = scoring_settings(checkpoint['settings'], build_config(device='cpu'))
     if args.n_transforms_test:
         settings.n_transforms_test = args.n_transforms_test
-    prepare_model(model, settings, torch.device('cpu'))
+    model.prepare(settings, torch.device('cpu')).eval()
     _, test_samples = find_class_samples(args.dataset_path, args.class_name)
     test_samples = test_samples[::args.stride]
     old_maps, new_maps, masks, seconds = maps_both_ways(model, settings, test_samples)

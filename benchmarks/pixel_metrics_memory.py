@@ -29,7 +29,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
 
-from metrics import pixel_metrics  # noqa: E402
+from base.metrics import pixel_metrics  # noqa: E402
 
 
 def peak_rss_mib():

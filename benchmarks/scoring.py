@@ -20,11 +20,14 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from features import TEST_VIEW_SEED_OFFSET, fixed_view_features  # noqa: E402
-from metrics import auroc_or_nan  # noqa: E402
-from scoring import Scorer, scores_of_features  # noqa: E402
-from settings import build_config  # noqa: E402
-from utils import MultiViewDataset, Sample, find_class_samples  # noqa: E402
+from model import TEST_VIEW_SEED_OFFSET, seeded_view_features  # noqa: E402
+from base.metrics import auroc_or_nan  # noqa: E402
+from deployment.scoring import Scorer  # noqa: E402
+from model import score_view_features  # noqa: E402
+from base.settings import build_config  # noqa: E402
+from utils import MultiViewDataset
+from image_data.image_files import Sample
+from image_data.layouts import find_class_samples
 
 
 def with_views(scorer, n_views):
@@ -42,10 +45,9 @@ def timed_scores(scorer, paths):
 def random_view_scores(scorer, samples):
     """Scores at random angles drawn from the test-view seed, as a run's cached test views."""
     settings = scorer.settings
-    features, _ = fixed_view_features(scorer.model, samples, settings.n_transforms_test,
-                                      settings.seed + TEST_VIEW_SEED_OFFSET, settings, scorer.device, 'random views',
-                                      log=lambda line: None)
-    return scores_of_features(scorer.model, features, settings)
+    features, _ = seeded_view_features(scorer.model, samples, settings.n_transforms_test,
+                                      settings.seed + TEST_VIEW_SEED_OFFSET, settings, scorer.device, 'random views')
+    return score_view_features(scorer.model, features, settings.batch_size_test)[0]
 
 
 def onnx_speed(scorer, onnx_path, paths, n_images):
@@ -79,7 +81,7 @@ def main():
     _, test = find_class_samples(args.dataset_path, args.class_name)
     paths, labels = [sample.path for sample in test], [sample.label for sample in test]
     started = time.perf_counter()
-    scorer = Scorer(args.checkpoint, build_config(feature_cache=False), log=lambda line: None)
+    scorer = Scorer(args.checkpoint, build_config(feature_cache=False))
     print(f'checkpoint loaded in {time.perf_counter() - started:.1f} s', flush=True)
     for n_views in (64, 16):
         scores, seconds = timed_scores(with_views(scorer, n_views), paths)

@@ -28,15 +28,14 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from alexnet_weights import load_imagenet_alexnet_features  # noqa: E402
-from features import (autocast, extract_view_features, loader_features, make_loader,  # noqa: E402
-                      prepare_extractor, view_backend)
+from base.alexnet_weights import load_imagenet_alexnet_features  # noqa: E402
+from base.hardware import choose_flow_kernel, onednn_linear, onednn_product, seconds_per_call  # noqa: E402
+from base.settings import build_config  # noqa: E402
 from freia_funcs import nll_loss  # noqa: E402
-from hardware import choose_flow_kernel, onednn_linear, onednn_product, seconds_per_call  # noqa: E402
-from model import DifferNet  # noqa: E402
-from settings import build_config  # noqa: E402
-from train import flow_step, make_optimizer, score_features  # noqa: E402
-from utils import MultiViewDataset, find_class_samples  # noqa: E402
+from image_data.layouts import find_class_samples  # noqa: E402
+from model import DifferNet, batch_features, score_view_features, view_features  # noqa: E402
+from train import flow_step, make_optimizer  # noqa: E402
+from utils import MultiViewDataset, dataset_loader, view_backend  # noqa: E402
 
 MODES = {
     'default': [],
@@ -63,11 +62,9 @@ def bench_extraction(state, n_views, repeats):
     for label, overrides in [('fp32', dict(channels_last=False)), ('fp32 channels-last', dict(channels_last=True)),
                              ('bf16 autocast channels-last', dict(channels_last=True, bf16_autocast=True))]:
         config = build_config(**overrides)
-        model = DifferNet(config, state).eval()
-        if config.channels_last:
-            model.feature_extractor.to(memory_format=torch.channels_last)
+        model = DifferNet(config, state).prepare(config, 'cpu').eval()
         views = torch.randn(n_views, 3, config.img_size, config.img_size)
-        seconds = timed(lambda: extract_view_features(model, views, config), repeats)
+        seconds = timed(lambda: view_features(model, views, (config.norm_mean, config.norm_std)), repeats)
         print(f'extraction {label:30s} {n_views / seconds:7.1f} views/s  (batch {config.extract_batch_size}, '
               f'{config.n_scales} scales, {config.img_size} px)', flush=True)
 
@@ -81,11 +78,11 @@ def bench_flow(repeats, n_rows):
         model = DifferNet(config)
         optimizer = make_optimizer(model.nf, config)
         features = torch.randn(n_rows, model.n_features)
-        seconds = timed(lambda: flow_step(model, optimizer, features, config), repeats)
+        model.prepare(config, 'cpu')
+        seconds = timed(lambda: flow_step(model, optimizer, features), repeats)
         print(f'flow training step  {label:34s} {seconds:6.3f} s per {n_rows} feature vectors', flush=True)
         test = torch.randn(83, config.n_transforms_test, model.n_features)
-        model.eval()
-        seconds = timed(lambda: score_features(model, test, config), 1)
+        seconds = timed(lambda: score_view_features(model, test, config.batch_size_test), 1)
         print(f'evaluation (flow)   {label:34s} {seconds:6.2f} s for 83 images x {config.n_transforms_test} '
               f'views', flush=True)
 
@@ -109,15 +106,15 @@ def bench_online_sub_epochs(state, dataset_path, class_name, bf16, num_workers, 
     config = build_config(bf16_autocast=bf16, num_workers=num_workers)
     torch.manual_seed(0)
     model = DifferNet(config, state)
-    prepare_extractor(model, config)
+    model.prepare(config, 'cpu')
     optimizer = make_optimizer(model.nf, config)
     train, _ = find_class_samples(dataset_path, class_name)
-    loader = make_loader(MultiViewDataset(train, config.n_transforms, config, keep_images=True),
-                         config.batch_size, True, config, torch.device('cpu'))
+    loader = dataset_loader(MultiViewDataset(train, config.n_transforms, config, keep_images=True),
+                            config.batch_size, True, config.num_workers, torch.device('cpu'))
     for sub_epoch in range(n_sub_epochs):
         start = time.perf_counter()
-        for features, _ in loader_features(model, loader, torch.device('cpu'), config):
-            flow_step(model, optimizer, features.reshape(-1, features.shape[-1]), config)
+        for features, _ in batch_features(model, loader, torch.device('cpu')):
+            flow_step(model, optimizer, features.reshape(-1, features.shape[-1]))
         print(f'on-line sub epoch {sub_epoch} ({"bf16" if bf16 else "fp32"}, num_workers {num_workers}, '
               f'{len(train)} {class_name} images x {config.n_transforms} views): '
               f'{time.perf_counter() - start:6.1f} s', flush=True)
@@ -184,13 +181,12 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads,
     model = DifferNet(config, state)
     kernel, kernel_line = choose_flow_kernel(config.cpu_flow_kernel, device, bf16,
                                              config.batch_size * config.n_transforms, config.fc_internal)
-    model.use_flow_kernel(kernel)
-    prepare_extractor(model, config)
+    model.prepare(config, device).use_flow_kernel(kernel)
     optimizer = make_optimizer(model.nf, config)
     train, _ = find_class_samples(dataset_path, class_name)
     dataset = MultiViewDataset(train, config.n_transforms, config, keep_images=True,
-                               backend=view_backend(config, device))
-    loader = make_loader(dataset, config.batch_size, True, config, device=device)
+                               backend=view_backend(config.view_backend, device))
+    loader = dataset_loader(dataset, config.batch_size, True, config.num_workers, device)
     views_per_sub_epoch = []
     for sub_epoch in range(2):
         parts = dict.fromkeys(['views', 'extraction', 'flow forward + loss', 'backward', 'zero_grad + Adam step'], 0.0)
@@ -204,10 +200,10 @@ def bench_sub_epoch_breakdown(state, dataset_path, class_name, bf16, keep_grads,
         for batch, _ in loader:
             views = dataset.batch_pixels(batch, device)
             lap('views')
-            features = extract_view_features(model, views.view(-1, *views.shape[2:]), config)
+            features = view_features(model, views.view(-1, *views.shape[2:]), (config.norm_mean, config.norm_std))
             lap('extraction')
             optimizer.zero_grad(set_to_none=not keep_grads)
-            with autocast(config, device):
+            with model.autocast():
                 z, log_jac_det = model.nf(features)
             loss = nll_loss(z.float(), log_jac_det.float())
             lap('flow forward + loss')

@@ -19,9 +19,10 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from features import make_loader  # noqa: E402
-from settings import build_config  # noqa: E402
-from utils import MultiViewDataset, find_class_samples  # noqa: E402
+from utils import dataset_loader  # noqa: E402
+from base.settings import build_config  # noqa: E402
+from utils import MultiViewDataset
+from image_data.layouts import find_class_samples
 
 
 def synchronize(device):
@@ -31,7 +32,7 @@ def synchronize(device):
 
 def views_per_second(samples, n_views, images_per_batch, backend, config, device, repeats):
     dataset = MultiViewDataset(samples, n_views, config, keep_images=True, backend=backend)
-    loader = make_loader(dataset, images_per_batch, True, config, device)
+    loader = dataset_loader(dataset, images_per_batch, True, config, device)
 
     def one_pass():
         for batch, _ in loader:

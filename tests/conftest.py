@@ -9,7 +9,10 @@ from PIL import Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from settings import build_config  # noqa: E402
+from base.logs import configure_logging  # noqa: E402
+from base.settings import build_config  # noqa: E402
+
+configure_logging()  # the project's messages reach stdout as in `python main.py` (capsys reads them)
 
 # The official code's reference numbers ship with the tests; DIFFERNET_GOLDEN points every golden test at
 # another folder of the same format (e.g. freshly regenerated ones).
@@ -67,8 +70,8 @@ def official_tree(tmp_path):
 def imagenet_state():
     """The real ImageNet AlexNet `features` weights, from wherever this machine can get them; a skip when
     it can get none (offline, empty cache). A digest mismatch is not a skip: it fails."""
-    from alexnet_weights import load_imagenet_alexnet_features
-    from errors import UserError
+    from base.alexnet_weights import load_imagenet_alexnet_features
+    from base.errors import UserError
     try:
         state, _ = load_imagenet_alexnet_features()
     except UserError as error:

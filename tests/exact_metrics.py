@@ -4,7 +4,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from metrics import AUPRO_MAX_FPR, EIGHT_NEIGHBOURS, area_under_pro, upsample_map
+from base.metrics import AUPRO_MAX_FPR, EIGHT_NEIGHBOURS, area_under_pro, upsample_map
 
 
 def flatten_pairs(maps, masks):

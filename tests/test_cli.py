@@ -8,9 +8,9 @@ import pytest
 
 import config
 from conftest import REPO_ROOT
-from errors import UserError
+from base.errors import UserError
 from main import parse_command_line
-from settings import build_config, config_comments
+from base.settings import build_config, config_comments
 
 
 def run_main(*args, cwd=REPO_ROOT):

@@ -10,16 +10,16 @@ import time
 
 import torch
 
-from atomic_files import write_json_atomic
+from base.atomic_files import write_json_atomic
 from conftest import REPO_ROOT
-from feature_cache import load_cached_features
+from base.feature_cache import load_cached_features
 
 WRITER = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, {repo!r})
     import torch
-    from atomic_files import write_json_atomic
-    from feature_cache import save_cached_features
+    from base.atomic_files import write_json_atomic
+    from base.feature_cache import save_cached_features
     folder, writer, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     while time.time() < start:  # both writers begin together
         time.sleep(0.001)

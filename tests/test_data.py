@@ -8,11 +8,13 @@ from official_views import view_transform
 from PIL import Image
 
 from conftest import tiny_config, write_image
-from demo_data import ensure_demo_dataset
-from errors import UserError
-from features import extract_view_features, prepare_extractor
+from image_data.demo_data import ensure_demo_dataset
+from base.errors import UserError
+from model import view_features
 from model import DifferNet
-from utils import MultiViewDataset, Sample, find_class_samples, fixed_angles, load_rgb, scan_class
+from utils import MultiViewDataset, fixed_angles
+from image_data.image_files import Sample, load_rgb
+from image_data.layouts import find_class_samples, scan_class
 
 
 def test_labels_and_defect_types(official_tree):
@@ -96,9 +98,9 @@ def test_uint8_views_normalized_per_alexnet_pass_give_the_features_of_normalized
     assert pixels.dtype == torch.uint8 and views.dtype == torch.float32 and pixels.shape == views.shape
     torch.manual_seed(0)
     model = DifferNet(config).eval()
-    prepare_extractor(model, config)
-    from_pixels = extract_view_features(model, pixels.reshape(-1, *pixels.shape[2:]), config)
-    from_views = extract_view_features(model, views.reshape(-1, *views.shape[2:]), config)
+    model.prepare(config, 'cpu')
+    from_pixels = view_features(model, pixels.reshape(-1, *pixels.shape[2:]), (config.norm_mean, config.norm_std))
+    from_views = view_features(model, views.reshape(-1, *views.shape[2:]), (config.norm_mean, config.norm_std))
     assert torch.equal(from_pixels, from_views)
 
 

@@ -13,14 +13,16 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from conftest import DATA_DIR, REPO_ROOT, cuda, tiny_config
-from demo_data import generate_demo_dataset
-from errors import UserError
-from features import extract_view_features, fixed_view_features, make_loader
+from image_data.demo_data import generate_demo_dataset
+from base.errors import UserError
+from model import seeded_view_features, view_features
+from utils import dataset_loader
 from model import DifferNet
-from settings import validate_config
-from tensor_views import pil_to_uint8, rotate_nearest
+from base.settings import validate_config
+from image_data.tensor_views import pil_to_uint8, rotate_nearest
 from train import loss_values, train_class
-from utils import MultiViewDataset, find_class_samples, resolve_view_backend
+from utils import MultiViewDataset, view_backend
+from image_data.layouts import find_class_samples
 
 CPU = torch.device('cpu')
 BOTTLE = os.path.join(DATA_DIR, 'mvtec', 'bottle')
@@ -42,7 +44,7 @@ def loader_views(dataset, device, shuffle, batch_size=2):
     """Every batch of views of a seeded loader pass, and the next number of the global stream after it."""
     torch.manual_seed(11)
     batches = [dataset.batch_views(batch, device).cpu()
-               for batch, _ in make_loader(dataset, batch_size, shuffle, tiny_config(), device)]
+               for batch, _ in dataset_loader(dataset, batch_size, shuffle, tiny_config(), device)]
     return batches, torch.rand(1).item()
 
 
@@ -102,9 +104,9 @@ def test_view_seed_reseeds_no_cuda_generator(demo_root, monkeypatch):
 
 
 def test_auto_backend_and_refused_names():
-    assert resolve_view_backend('auto', torch.device('cuda')) == 'tensor'
-    assert resolve_view_backend('pil', torch.device('cuda')) == 'pil'
-    assert resolve_view_backend('auto', CPU) in ('pil', 'tensor')
+    assert view_backend('auto', torch.device('cuda')) == 'tensor'
+    assert view_backend('pil', torch.device('cuda')) == 'pil'
+    assert view_backend('auto', CPU) in ('pil', 'tensor')
     with pytest.raises(UserError, match="view_backend = 'opencv' must be auto, pil or tensor"):
         validate_config(tiny_config(view_backend='opencv'))
 
@@ -122,13 +124,13 @@ def test_resume_state_is_loaded_onto_the_cpu(official_tree, tmp_path, monkeypatc
     train_samples, test_samples = find_class_samples(str(official_tree), 'widget')
     resume_path = str(tmp_path / 'state.pt')
     torch.manual_seed(0)  # writes the state after meta epoch 0 (train_class leaves it; main.py removes it)
-    whole = train_class(DifferNet(config), train_samples, test_samples, config, CPU, log=lambda line: None,
+    whole = train_class(DifferNet(config), train_samples, test_samples, config, CPU,
                         resume_path=resume_path)
     locations, real_load = [], torch.load
     monkeypatch.setattr(torch, 'load',
                         lambda *args, **kwargs: locations.append(kwargs.get('map_location')) or real_load(*args, **kwargs))
     torch.manual_seed(0)
-    resumed = train_class(DifferNet(config), train_samples, test_samples, config, CPU, log=lambda line: None,
+    resumed = train_class(DifferNet(config), train_samples, test_samples, config, CPU,
                           resume_path=resume_path)
     assert locations == ['cpu']
     assert resumed['test_scores'] == whole['test_scores']
@@ -158,19 +160,19 @@ def test_bottle_views_pixels_match_pil(bottle_images):
 
 def test_bottle_features_through_the_real_extractor_match_pil(bottle_images):
     """Measured: relative feature difference 0 (identical views). Bound 1e-4, room for another Pillow."""
-    from alexnet_weights import load_imagenet_alexnet_features
+    from base.alexnet_weights import load_imagenet_alexnet_features
     state, _ = load_imagenet_alexnet_features()
     config = build_bottle_config()
     model = DifferNet(config, state).eval()
     pil, tensor = both_backends(bottle_images[:4], 8, config, view_seed=9)
-    expected = extract_view_features(model, torch.cat([pil.views_of(i, CPU) for i in range(len(pil))]), config)
-    got = extract_view_features(model, torch.cat([tensor.views_of(i, CPU) for i in range(len(tensor))]), config)
+    expected = view_features(model, torch.cat([pil.views_of(i, CPU) for i in range(len(pil))]), (config.norm_mean, config.norm_std))
+    got = view_features(model, torch.cat([tensor.views_of(i, CPU) for i in range(len(tensor))]), (config.norm_mean, config.norm_std))
     relative = ((expected - got).norm() / expected.norm()).item()
     assert relative <= 1e-4
 
 
 def build_bottle_config():
-    from settings import build_config
+    from base.settings import build_config
     return build_config(device='cpu', verbose=False, channels_last=False)
 
 
@@ -196,7 +198,7 @@ def test_cuda_generators_untouched_by_view_seeds_and_fixed_view_features(demo_ro
     torch.cuda.manual_seed_all(123)
     before = torch.cuda.get_rng_state()
     model = DifferNet(config).to('cuda').eval()
-    fixed_view_features(model, samples, 3, 77, config, torch.device('cuda'), 'views', log=lambda line: None)
+    seeded_view_features(model, samples, 3, 77, config, torch.device('cuda'), 'views')
     MultiViewDataset(samples, 3, config, view_seed=5)[0]
     assert torch.equal(torch.cuda.get_rng_state(), before)
 
@@ -210,19 +212,17 @@ def test_cuda_training_resume_and_pool_run(official_tree, tmp_path, backend):
                          cache_test_features=False, adam_fused=True)
     train_samples, test_samples = find_class_samples(str(official_tree), 'widget')
     torch.manual_seed(0)
-    whole = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'),
-                        log=lambda line: None)
+    whole = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'))
     resume_path = str(tmp_path / 'state.pt')
     torch.manual_seed(0)  # leaves the state after meta epoch 0 in resume_path
-    train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'), log=lambda line: None,
+    train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'),
                 resume_path=resume_path)
     torch.manual_seed(0)
-    resumed = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'),
-                          log=lambda line: None, resume_path=resume_path)
+    resumed = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'), resume_path=resume_path)
     assert np.allclose(resumed['test_scores'], whole['test_scores'], rtol=1e-3)
     pooled = train_class(DifferNet(config), train_samples, test_samples,
                          tiny_config(**{**vars(config), 'train_feature_pool': 4, 'bf16_autocast': True}),
-                         torch.device('cuda'), log=lambda line: None)
+                         torch.device('cuda'))
     assert len(pooled['auroc']) == 2
 
 
@@ -242,14 +242,14 @@ def test_cuda_score_and_gradient_maps(official_tree, tmp_path):
 
 @cuda
 def test_cuda_out_of_memory_is_recognised():
-    from jobs import is_out_of_memory
+    from runner.jobs import is_out_of_memory
     with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
         torch.empty(1 << 50, dtype=torch.uint8, device='cuda')
     assert is_out_of_memory(caught.value)
 
 
 def test_out_of_memory_error_type_is_recognised():
-    from jobs import is_out_of_memory
+    from runner.jobs import is_out_of_memory
     assert is_out_of_memory(torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'))
 
 

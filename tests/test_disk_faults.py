@@ -1,4 +1,5 @@
 """A full disk loses nothing: the free-space check, every write failing with ENOSPC, damaged files."""
+import logging
 import errno
 import json
 import os
@@ -8,14 +9,14 @@ import subprocess
 import pytest
 import torch
 
-import atomic_files
-import disk
+from base import atomic_files
+from runner import disk
 from conftest import tiny_config
-from feature_cache import feature_cache_key, load_cached_features
-from features import fixed_view_features
+from base.feature_cache import feature_cache_key, load_cached_features
+from model import seeded_view_features
 from main import main
 from model import DifferNet
-from utils import find_class_samples
+from image_data.layouts import find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -88,7 +89,7 @@ def test_results_files_that_cannot_be_written_are_written_again_later(two_classe
             raise atomic_files.WriteFailed(f'cannot write {path} (OSError: No space left on device); 0 B free')
         return real_write(path, text)
     monkeypatch.setattr(atomic_files, 'write_text_atomic', write_text)
-    import report
+    from reporting import results_files as report
     monkeypatch.setattr(report, 'write_text_atomic', write_text)
     out = tmp_path / 'out'
     assert main(['--dataset_path', str(two_classes), '--class_name', 'widget', '--results_dir', str(out), *TINY]) == 0
@@ -129,20 +130,20 @@ def test_a_truncated_resume_state_is_named_in_one_line(two_classes, tmp_path, ca
     assert str(state) in line and 'delete it to train this class from its start' in line and 'Traceback' not in printed
 
 
-def test_a_truncated_cache_file_is_recomputed_and_replaced(official_tree, tmp_path):
+def test_a_truncated_cache_file_is_recomputed_and_replaced(official_tree, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'))
     torch.manual_seed(0)
     model = DifferNet(config).eval()
     samples, _ = find_class_samples(str(official_tree), 'widget')
-    first, _ = fixed_view_features(model, samples, 3, 5, config, torch.device('cpu'), 'views', log=lambda line: None)
+    first, _ = seeded_view_features(model, samples, 3, 5, config, torch.device('cpu'), 'views')
     key = feature_cache_key(samples, 3, 5, False, model.extractor_digest(), config, 'cpu')
     path = tmp_path / 'cache' / f'features_{key}.pt'
     path.write_bytes(path.read_bytes()[:100])
-    lines = []
-    again, _ = fixed_view_features(model, samples, 3, 5, config, torch.device('cpu'), 'views', log=lines.append)
+    again, _ = seeded_view_features(model, samples, 3, 5, config, torch.device('cpu'), 'views')
     assert torch.equal(first, again)
-    assert any('is damaged' in line and str(path) in line for line in lines)
-    assert load_cached_features(str(tmp_path / 'cache'), key, log=lines.append) is not None  # replaced whole
+    assert any('is damaged' in line and str(path) in line for line in caplog.messages)
+    assert load_cached_features(str(tmp_path / 'cache'), key) is not None  # replaced whole
 
 
 def test_a_real_small_file_system_fills_and_nothing_is_lost(two_classes, tmp_path, monkeypatch, capsys):
@@ -162,7 +163,7 @@ def test_a_real_small_file_system_fills_and_nothing_is_lost(two_classes, tmp_pat
         assert main([*common, '--results_dir', str(mount_point / 'refused')]) == 2
         assert 'not enough disk space' in capsys.readouterr().err
         monkeypatch.setattr(disk, 'check_free_space', lambda needs: None)
-        import jobs
+        from runner import jobs
         monkeypatch.setattr(jobs, 'check_free_space', lambda needs: None)
         out = mount_point / 'out'
         assert main([*common, '--results_dir', str(out)]) == 1

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from demo_data import generate_demo_dataset
+from image_data.demo_data import generate_demo_dataset
 from main import main
 
 SMALL = ['--img_size', '224', '--n_scales', '2', '--fc_internal', '512', '--meta_epochs', '2',

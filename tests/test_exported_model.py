@@ -8,12 +8,15 @@ import torch
 from PIL import Image
 
 from conftest import DATA_DIR, REPO_ROOT
-from demo_data import generate_demo_dataset
-from errors import UserError
-from export import check_description, onnx_scores
+from image_data.demo_data import generate_demo_dataset
+from base.errors import UserError
+from deployment.export import check_description, onnx_scores
 from main import main
-from scoring import Scorer, normalized_scores, score_normalization
-from utils import MultiViewDataset, Sample, find_class_samples
+from deployment.scoring import Scorer
+from base.thresholds import normalized_scores, score_normalization
+from utils import MultiViewDataset
+from image_data.image_files import Sample
+from image_data.layouts import find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2',
@@ -46,7 +49,7 @@ def test_onnx_export_scores_real_images_as_pytorch_does(trained, tmp_path, capsy
     description = check_description(str(onnx_path.with_suffix('.json')), str(onnx_path))
     assert description['input']['shape'] == ['N', 3, 64, 64] and description['views']['per_image'] == 4
     assert description['views']['angles_degrees'] == [0.0, 90.0, 180.0, 270.0]
-    scorer = Scorer(checkpoint, log=lambda line: None)
+    scorer = Scorer(checkpoint)
     expected = scorer.score(images)
     # the views as the JSON says, made here with the dataset's fixed rotations, scored by onnxruntime alone
     dataset = MultiViewDataset([Sample(path, -1, '') for path in images], 4, scorer.settings, fixed_rotations=True)
@@ -89,7 +92,7 @@ def test_scores_on_0_to_1_are_monotone_with_the_threshold_at_one_half():
 
 def test_scoring_from_python_takes_paths_pil_images_and_arrays(trained):
     checkpoint, images = trained
-    scorer = Scorer(checkpoint, log=lambda line: None)
+    scorer = Scorer(checkpoint)
     pil = Image.open(images[0])
     gray = np.asarray(Image.open(images[1]).convert('L'))
     results = scorer.score([images[0], pil, np.asarray(pil.convert('RGB')), gray], maps=True)

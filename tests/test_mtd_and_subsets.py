@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils
+from image_data import layouts
 from conftest import REPO_ROOT, tiny_config
-from errors import UserError
+from base.errors import UserError
 from main import main
-from references import mean_row_groups
-from summary import summary_rows
-from mtd import find_mtd_samples, read_mtd_train_list
-from utils import find_class_samples, split_validation, training_subset
+from reporting.references import mean_row_groups
+from reporting.summary import summary_rows
+from image_data.mtd import find_mtd_samples, read_mtd_train_list
+from image_data.layouts import find_class_samples, split_validation, training_subset
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2',
@@ -50,7 +50,7 @@ def mtd_tree(tmp_path_factory):
 
 
 def test_mtd_is_one_class_with_differnets_split_and_masks(mtd_tree):
-    assert utils.class_folders(str(mtd_tree)) == ['mtd'] and utils.detect_layout(str(mtd_tree)) == 'mtd'
+    assert layouts.class_folders(str(mtd_tree)) == ['mtd'] and layouts.detect_layout(str(mtd_tree)) == 'mtd'
     train, test = find_class_samples(str(mtd_tree), 'mtd')
     assert len(train) == 761 and sorted(os.path.basename(s.path) for s in train) == sorted(read_mtd_train_list())
     assert all(s.label == 0 and s.path.endswith('.jpg') for s in train)
@@ -128,7 +128,7 @@ def test_mean_rows_keep_the_benchmarks_apart():
 
 
 def test_mtd_is_compared_with_the_papers_table_2():
-    from references import class_references
+    from reporting.references import class_references
     run = {'class_name': 'mtd', 'n_train_images': 761, 'n_test_images': 583}
     assert class_references('mtd', [run])['paper'] == pytest.approx(0.977)
     few_shot = dict(run, n_train_images=16, train_subset_of=761)

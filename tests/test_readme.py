@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from main import parse_command_line
-from settings import build_config, config_comments, config_defaults, validate_config
+from base.settings import build_config, config_comments, config_defaults, validate_config
 
 README_MAX_BYTES = 10_500  # README stays about 10 KB; the details belong in docs/
 README_SECTIONS = ['Two commands', 'Real data', 'Results so far', 'Configuration',

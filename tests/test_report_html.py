@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import references
+from reporting import references
 from main import main
-from references import PAPER_COMPUTED_MEAN, REFERENCE_AUROC
-from report import results_csv, results_markdown, write_results_files
-from summary import comparison_rows
+from reporting.references import PAPER_COMPUTED_MEAN, REFERENCE_AUROC
+from reporting.results_files import results_csv, results_markdown, write_results_files
+from reporting.summary import comparison_rows
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -210,7 +210,7 @@ def test_page_of_a_run_in_progress_with_a_failure_and_a_damaged_plot(tmp_path):
                'in_progress': dict(synthetic_run('screw', 0, 0.7, 0.7), auroc=[0.6, None])}
     write_results_files(str(tmp_path), results, [('img_size', 64, 448)])
     (tmp_path / 'bottle_roc.png').write_bytes(b'not a png')  # a plot damaged on disk leaves a gap, not an error
-    from report_html import report_html
+    from reporting.report_html import report_html
     page = report_html(str(tmp_path), results, [('img_size', 64, 448)])
     (tmp_path / 'report.html').write_text(page)
     parser = parse_report(tmp_path / 'report.html')

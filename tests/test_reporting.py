@@ -7,9 +7,9 @@ import pytest
 
 from conftest import write_image
 from main import main
-from metrics import defect_type_aurocs
-from summary import summary_rows
-from utils import detect_layout, find_class_samples
+from base.metrics import defect_type_aurocs
+from reporting.summary import summary_rows
+from image_data.layouts import detect_layout, find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -136,7 +136,7 @@ def test_progress_bars_work_and_do_not_flood_a_log_file(official_tree, tmp_path)
 
 
 def test_f1_max_and_f1_at_a_threshold():
-    from metrics import f1_at_threshold, f1_max
+    from base.metrics import f1_at_threshold, f1_max
     labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.2, 0.9, 0.8, 0.85, 0.3]
     best, threshold = f1_max(labels, scores)
     # the best cut is above 0.2: predictions 0.3, 0.8, 0.85, 0.9 -> precision 3/4, recall 1 -> F1 6/7

@@ -12,14 +12,15 @@ import torch
 from official_views import view_transform
 from PIL import Image
 
-import features
+import utils
 import train
-from atomic_files import write_json_atomic
+from base.atomic_files import write_json_atomic
 from conftest import REPO_ROOT, tiny_config
-from errors import DataProblems
+from base.errors import DataProblems
 from main import main
 from model import DifferNet
-from utils import find_class_samples, load_rgb, scan_class
+from image_data.layouts import find_class_samples, scan_class
+from image_data.image_files import load_rgb
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
         '--n_coupling_blocks', '2', '--meta_epochs', '2', '--sub_epochs', '1', '--n_transforms', '2',
@@ -127,13 +128,13 @@ def test_out_of_memory_says_what_to_lower(official_tree, tmp_path, monkeypatch, 
 
 
 def test_dataloader_workers_failing_fall_back_to_main_process(official_tree, tmp_path, monkeypatch, capsys):
-    real_loader = features.DataLoader
+    real_loader = utils.DataLoader
 
     def loader_without_workers(*args, num_workers=0, **kwargs):
         if num_workers:
             raise RuntimeError('unable to open shared memory object')
         return real_loader(*args, num_workers=num_workers, **kwargs)
-    monkeypatch.setattr(features, 'DataLoader', loader_without_workers)
+    monkeypatch.setattr(utils, 'DataLoader', loader_without_workers)
     code = main(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(tmp_path / 'o'),
                  '--num_workers', '2', '--cache_test_features', 'false', '--view_backend', 'pil', *TINY])
     assert code == 0

@@ -1,4 +1,5 @@
 """The speed-ups return exactly what the on-line path computes, and a stale feature cache is never used."""
+import logging
 import json
 import os
 
@@ -6,13 +7,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from features import collect_features, fixed_view_features, make_loader
-import hardware
-from hardware import bf16_pays_off, choose_precision
+from model import dataset_features, seeded_view_features
+from utils import dataset_loader
+from base import hardware
+from base.hardware import bf16_pays_off, choose_precision
 from main import main as main_entry
 from model import DifferNet
 from train import pool_batches, train_class
-from utils import MultiViewDataset, find_class_samples
+from utils import MultiViewDataset
+from image_data.layouts import find_class_samples
 
 DEVICE = torch.device('cpu')
 
@@ -27,7 +30,7 @@ def test_pool_and_test_cache_equal_the_online_features_for_the_same_view_seeds(o
     model = tiny_model(config)
     train, test = find_class_samples(str(official_tree), 'widget')
     for samples in (train, test):
-        pooled, labels = fixed_view_features(model, samples, 5, 123, config, DEVICE, 'pool', log=lambda line: None)
+        pooled, labels = seeded_view_features(model, samples, 5, 123, config, DEVICE, 'pool')
         # the on-line path: a shuffled loader, other batch sizes, the views drawn from the same seed
         online_set = MultiViewDataset(samples, 5, config, view_seed=123)
         loader = torch.utils.data.DataLoader(online_set, batch_size=2, shuffle=True)
@@ -43,8 +46,7 @@ def test_pool_and_test_cache_equal_the_online_features_for_the_same_view_seeds(o
                 seen += 1
         assert seen == len(samples)
         assert list(labels) == [s.label for s in samples]
-        cached, cached_labels = fixed_view_features(model, samples, 5, 123, config, DEVICE, 'pool',
-                                                    log=lambda line: None)
+        cached, cached_labels = seeded_view_features(model, samples, 5, 123, config, DEVICE, 'pool')
         assert torch.equal(cached, pooled) and list(cached_labels) == list(labels)
 
 
@@ -71,19 +73,19 @@ def test_pool_batches_draw_distinct_pooled_views_of_every_image_once():
     assert all(len(set(row.tolist())) == 4 for row in values)  # without replacement
 
 
-def test_stale_disk_cache_is_never_used(official_tree, tmp_path):
+def test_stale_disk_cache_is_never_used(official_tree, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'))
     model = tiny_model(config)
     _, test = find_class_samples(str(official_tree), 'widget')
-    messages = []
-    first, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
-    fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
-    assert 'from the feature cache' in messages[-1]
+    first, _ = seeded_view_features(model, test, 2, 5, config, DEVICE, 'test views')
+    seeded_view_features(model, test, 2, 5, config, DEVICE, 'test views')
+    assert 'from the feature cache' in caplog.messages[-1]
     # the same bytes with new modification times (a data folder copied afresh): the cached features
     for sample in test:
         os.utime(sample.path, ns=(os.stat(sample.path).st_atime_ns, os.stat(sample.path).st_mtime_ns + 10**9))
-    again, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
-    assert 'from the feature cache' in messages[-1] and torch.equal(first, again)
+    again, _ = seeded_view_features(model, test, 2, 5, config, DEVICE, 'test views')
+    assert 'from the feature cache' in caplog.messages[-1] and torch.equal(first, again)
     # an image changed on disk, its size and modification time kept: recomputed, new features
     import io
     from PIL import Image
@@ -99,21 +101,23 @@ def test_stale_disk_cache_is_never_used(official_tree, tmp_path):
         handle.write(encoded.getvalue())
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(changed).st_size == stat.st_size and os.stat(changed).st_mtime_ns == stat.st_mtime_ns
-    second, _ = fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
-    assert 'extracted' in messages[-1] and not torch.equal(first[0], second[0])
+    second, _ = seeded_view_features(model, test, 2, 5, config, DEVICE, 'test views')
+    assert 'extracted' in caplog.messages[-1] and not torch.equal(first[0], second[0])
     # other settings, another view seed, other weights: never the cached features
     for other_config, seed, other_model in [(tiny_config(feature_cache=True, feature_cache_dir=config.feature_cache_dir,
                                                          transf_rotations=False), 5, model),
+                                            (tiny_config(feature_cache=True, feature_cache_dir=config.feature_cache_dir,
+                                                         extract_batch_size=5), 5, model),
                                             (config, 6, model),
                                             (config, 5, DifferNet(config).eval())]:
-        fixed_view_features(other_model, test, 2, seed, other_config, DEVICE, 'test views', log=messages.append)
-        assert 'extracted' in messages[-1]
+        seeded_view_features(other_model, test, 2, seed, other_config, DEVICE, 'test views')
+        assert 'extracted' in caplog.messages[-1]
     # a damaged cache file is recomputed, not trusted
     for name in os.listdir(config.feature_cache_dir):
         with open(os.path.join(config.feature_cache_dir, name), 'wb') as handle:
             handle.write(b'garbage')
-    fixed_view_features(model, test, 2, 5, config, DEVICE, 'test views', log=messages.append)
-    assert 'extracted' in messages[-1]
+    seeded_view_features(model, test, 2, 5, config, DEVICE, 'test views')
+    assert 'extracted' in caplog.messages[-1]
 
 
 def test_extraction_batches_do_not_change_features(official_tree):
@@ -121,9 +125,9 @@ def test_extraction_batches_do_not_change_features(official_tree):
     model = tiny_model(config)
     _, test = find_class_samples(str(official_tree), 'widget')
     dataset = MultiViewDataset(test, 3, config, view_seed=1)
-    one, _ = collect_features(model, make_loader(dataset, 1, False, config, DEVICE), DEVICE, config)
+    one, _ = dataset_features(model, dataset_loader(dataset, 1, False, config, DEVICE), DEVICE, config)
     big_config = tiny_config(extract_batch_size=64)
-    many, _ = collect_features(model, make_loader(dataset, 4, False, big_config, DEVICE), DEVICE, big_config)
+    many, _ = dataset_features(model, dataset_loader(dataset, 4, False, big_config, DEVICE), DEVICE, big_config)
     assert torch.allclose(one, many, atol=1e-6)
     assert one.shape == (len(test), 3, 256)
 
@@ -208,8 +212,8 @@ def test_cuda_bf16_check_follows_the_gpu(monkeypatch, cuda_bf16):
 def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
     """device 'auto' and bf16_autocast 'auto': a CUDA GPU with bf16 gets bf16; without CUDA, a CPU without
     AMX gets float32. The config handed on holds the choice, not 'auto'."""
-    from hardware import resolve_device
-    from jobs import with_machine_choices
+    from base.hardware import resolve_device
+    from runner.jobs import with_machine_choices
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
@@ -224,7 +228,7 @@ def test_auto_device_and_auto_precision_together(monkeypatch, cuda_present):
 
 @pytest.mark.parametrize('native', [True, False])
 def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tmp_path, monkeypatch, capsys, native):
-    import jobs
+    from runner import jobs
     monkeypatch.setattr(jobs, 'bf16_pays_off', lambda device, measure: (native, 'cpu has AMX' if native else 'cpu has no AMX'))
     out = tmp_path / 'run'
     assert main_entry(['--dataset_path', str(official_tree), '--class_name', 'widget', '--results_dir', str(out),
@@ -242,16 +246,34 @@ def test_run_with_auto_precision_prints_and_records_its_choice(official_tree, tm
 
 
 @pytest.mark.parametrize('pool', [0, 3])
-def test_training_is_the_same_whether_features_come_from_the_disk_cache(official_tree, tmp_path, pool):
+def test_training_is_the_same_whether_features_come_from_the_disk_cache(official_tree, tmp_path, pool, caplog):
+    caplog.set_level(logging.INFO)
     """A cached run must not skip a random draw that a computing run makes (the DataLoader's base seed)."""
     config = tiny_config(feature_cache=True, feature_cache_dir=str(tmp_path / 'cache'), train_feature_pool=pool,
                          sub_epochs=2, meta_epochs=2)
     train, test = find_class_samples(str(official_tree), 'widget')
-    histories, messages = [], []
+    histories = []
     for _ in range(2):  # the first run extracts and stores, the second reads the cache
         torch.manual_seed(5)
         model = DifferNet(config)
-        histories.append(train_class(model, train, test, config, DEVICE, log=messages.append))
-    assert any('from the feature cache' in message for message in messages)
+        histories.append(train_class(model, train, test, config, DEVICE))
+    assert any('from the feature cache' in message for message in caplog.messages)
     assert histories[0]['train_loss'] == histories[1]['train_loss']
     assert histories[0]['test_scores'] == histories[1]['test_scores']
+
+
+def test_a_run_with_other_views_per_alexnet_pass_extracts_its_own_test_features(official_tree, tmp_path, capsys):
+    """extract_batch_size changes float rounding (docs/faithfulness.md): a run with 5 views per pass must not
+    take the test features a run with 8 extracted."""
+    from main import main
+    common = ['--dataset_path', str(official_tree), '--class_name', 'widget', '--pretrained', 'false',
+              '--img_size', '64', '--n_scales', '1', '--fc_internal', '16', '--n_coupling_blocks', '2',
+              '--meta_epochs', '1', '--sub_epochs', '1', '--n_transforms', '2', '--n_transforms_test', '4',
+              '--save_checkpoint', 'false', '--feature_cache_dir', str(tmp_path / 'cache')]
+    printed = []
+    for run, views_per_pass in enumerate(['8', '5', '8']):
+        assert main(common + ['--extract_batch_size', views_per_pass, '--results_dir', str(tmp_path / str(run))]) == 0
+        printed.append(capsys.readouterr().out)
+    assert 'test views: extracted' in printed[0]
+    assert 'test views: extracted' in printed[1] and 'from the feature cache' not in printed[1]
+    assert 'test views: 5 images x 4 views from the feature cache' in printed[2]

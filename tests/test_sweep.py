@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import disk
-import jobs
-import launch
-import sweep
-from atomic_files import write_json_atomic
+from runner import disk
+from runner import jobs, run_folder
+from base import launch
+from runner import sweep
+from base.atomic_files import write_json_atomic
 from conftest import REPO_ROOT, cuda, tiny_config
 from freia_funcs import DifferNetFlow
 from main import main
@@ -170,7 +170,7 @@ def test_one_process_resume_of_a_sweep_folder_keeps_its_finished_jobs(official_t
     out = tmp_path / 'sweep'  # as a sweep stopped after its first job leaves it
     out.mkdir()
     write_json_atomic(str(out / 'results.json'), {**read_results(tmp_path / 'one'), 'classes': []})
-    jobs.write_job_file(str(out), 'widget', 0, entry, None, rank=1)
+    run_folder.write_job_file(str(out), 'widget', 0, entry, None, rank=1)
     capsys.readouterr()
     assert main(['--resume', str(out)]) == 0
     printed = capsys.readouterr().out
@@ -211,12 +211,13 @@ def test_flow_parameters_counted_without_building_match_a_built_flow():
 
 def test_resume_state_size_is_what_the_estimate_says(tmp_path):
     import train
+    from base.resume_state import save_resume_state
     config = tiny_config()
     model = DifferNet(config)
     optimizer = train.make_optimizer(model.nf, config)
-    train.flow_step(model, optimizer, torch.randn(8, model.n_features), config)  # Adam's moments exist now
+    train.flow_step(model, optimizer, torch.randn(8, model.n_features))  # Adam's moments exist now
     path = str(tmp_path / 'state.pt')
-    train.save_resume_state(path, 0, model, optimizer, {'auroc': [0.5]}, [1.0], [1.0], 1.0)
+    save_resume_state(path, 0, model, optimizer, {'auroc': [0.5]}, [1.0], [1.0], 1.0)
     estimate = disk.resume_state_bytes(config)
     assert estimate <= os.path.getsize(path) <= estimate * 1.05 + 50_000
     save_checkpoint(str(tmp_path / 'c.pt'), model, config, 'random', {}, {})
@@ -268,7 +269,7 @@ def test_a_restarted_attempt_continues_its_results_dir(official_tree, tmp_path, 
     config = tiny_config(dataset_path=str(official_tree), class_name='widget', seeds=(0, 1), results_dir=str(out))
     first, _, _ = sweep.make_plan(config, None, launch.Launch(0, 2, 0, 2, restart=0), torch.device('cpu'))
     assert [job['seed'] for job in first['jobs']] == [0, 1] and (out / 'results.json').is_file()
-    jobs.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
+    run_folder.write_job_file(str(out), 'widget', 1, {'class_name': 'widget', 'seed': 1, 'status': 'done'}, None, 0)
     again, _, earlier = sweep.make_plan(config, None, launch.Launch(0, 2, 0, 2, restart=1),  # torchrun --max_restarts
                                         torch.device('cpu'))
     assert again['results_dir'] == str(out) and [job['seed'] for job in again['jobs']] == [0]

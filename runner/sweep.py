@@ -13,22 +13,25 @@ here: jobs.run() does the jobs one after another.
 """
 import datetime
 import json
+import logging
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from atomic_files import WriteFailed, read_json, write_json_atomic
-from hardware import resolve_device
-from jobs import (JOBS_DIR, check_disk, class_sizes, done_entries, end_run, finished_entries, fresh_results_dir,
-                  read_job_files, run_job, start_run, write_job_file, write_results_or_warn)
-from launch import RankPrefixed, RankZeroError
-from paper_values import deviations_from_paper
-from settings import build_config, run_seeds
+from base.atomic_files import WriteFailed, read_json, write_json_atomic
+from base.hardware import resolve_device
+from base.launch import RankZeroError
+from base.logs import drop_rank_prefix
+from base.settings import deviations_from_paper, run_seeds, stored_config, with_values
+from base.settings_table import MACHINE_SETTINGS
+from runner.jobs import check_disk, class_sizes, end_run, run_job, start_run, write_results_or_warn
+from runner.run_folder import (JOBS_DIR, done_entries, finished_entries, fresh_results_dir, read_job_files,
+                               write_job_file)
 
-MACHINE_CHOICES = ('bf16_autocast', 'cpu_flow_kernel')  # decided by rank 0 for every rank (jobs.start_run)
+logger = logging.getLogger(__name__)
+
 POLL_S = 0.5  # how often rank 0 looks whether the other processes are done
 STORE_TIMEOUT = datetime.timedelta(hours=2)  # the longest a process waits for rank 0's plan
 
@@ -55,9 +58,9 @@ def rank_device(config, launch):
         n_gpus = torch.cuda.device_count()
         gpu = launch.local_rank % n_gpus
         if launch.local_rank == 0 and launch.local_world_size > n_gpus:
-            print(f'{launch.local_world_size} processes share {n_gpus} GPU(s) on this machine '
-                  f'(up to {-(-launch.local_world_size // n_gpus)} per GPU); each needs its own GPU memory '
-                  '(docs/gpu.md)', flush=True)
+            logger.info(f'{launch.local_world_size} processes share {n_gpus} GPU(s) on this machine '
+                        f'(up to {-(-launch.local_world_size // n_gpus)} per GPU); each needs its own GPU memory '
+                        '(docs/gpu.md)')
         torch.cuda.set_device(gpu)
         return torch.device('cuda', gpu)
     return device
@@ -108,7 +111,7 @@ def merged_results(config, names, problems, records, earlier=None):
                 classes.append(record['entry'])
             if record['status'] != 'done':
                 failed.append({'class_name': class_name, 'seed': seed, 'error': record['error']})
-    return {'config': vars(config), 'seeds': run_seeds(config), 'classes': classes, 'failed': failed,
+    return {'config': stored_config(config), 'seeds': run_seeds(config), 'classes': classes, 'failed': failed,
             'in_progress': None}
 
 
@@ -120,21 +123,21 @@ def make_plan(config, resume, launch, device):
     earlier_attempt = os.path.join(config.results_dir, 'results.json') if config.results_dir else ''
     if not resume and launch.restart and os.path.isfile(earlier_attempt):
         resume = (config.results_dir, read_json(earlier_attempt))
-        print(f'torchrun restarted the processes (attempt {launch.restart + 1}): continuing {config.results_dir}')
+        logger.info(f'torchrun restarted the processes (attempt {launch.restart + 1}): continuing {config.results_dir}')
     if resume:
         results_dir, earlier = resume
     else:
-        results_dir, earlier = fresh_results_dir(config), None
+        results_dir, earlier = fresh_results_dir(config, names), None
     done = set(finished_entries(results_dir, earlier))
     jobs = plan_jobs(config, names, problems, done)
     if not resume:  # what --resume reads: the configuration, before any job has finished
         write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(config, names, problems, {}))
     for class_name, problem in problems.items():
-        print(f'error: class {class_name} skipped: {problem}', flush=True)
+        logger.error(f'error: class {class_name} skipped: {problem}')
     check_disk(config, results_dir, [(job['class_name'], job['seed']) for job in jobs],
                min(launch.world_size, len(jobs)))
-    print(f'sweep: {len(jobs)} jobs over {launch.world_size} processes'
-          + (f' ({len(done)} done before)' if done else '') + f', results in {results_dir}/', flush=True)
+    logger.info(f'sweep: {len(jobs)} jobs over {launch.world_size} processes'
+                + (f' ({len(done)} done before)' if done else '') + f', results in {results_dir}/')
     return {'results_dir': results_dir, 'names': names, 'problems': problems, 'jobs': jobs}, config, earlier
 
 
@@ -148,13 +151,13 @@ def shared_plan(config, resume, launch, store):
         except BaseException as error:  # the others wait for the plan: tell them to stop
             store.set('plan', json.dumps({'error': f'{type(error).__name__}: {error}'}))
             raise
-        plan['machine_choices'] = {name: getattr(config, name) for name in MACHINE_CHOICES}
+        plan['machine_choices'] = {name: getattr(config, name) for name in MACHINE_SETTINGS}
         store.set('plan', json.dumps(plan))
         return plan, config, earlier
     plan = json.loads(store.get('plan'))
     if 'error' in plan:
         raise RankZeroError(plan['error'])
-    return plan, build_config(**{**vars(config), **plan['machine_choices']}), None  # rank 0's choices
+    return plan, with_values(config, **plan['machine_choices']), None  # rank 0's choices
 
 
 def take_jobs(config, plan, earlier, launch, store, device):
@@ -166,24 +169,24 @@ def take_jobs(config, plan, earlier, launch, store, device):
         if index >= len(jobs):
             return
         class_name, seed = jobs[index]['class_name'], jobs[index]['seed']
-        print(f'job {index + 1}/{len(jobs)}: {class_name} seed {seed} starts on {device}', flush=True)
+        logger.info(f'job {index + 1}/{len(jobs)}: {class_name} seed {seed} starts on {device}')
         started, finished = time.time(), {}
 
         def record(entry, failure, class_name=class_name, seed=seed):
             try:
                 finished.update(write_job_file(results_dir, class_name, seed, entry, failure, launch.rank))
             except WriteFailed as error:  # --resume runs the job again
-                print(f'error: {error}; this job is not recorded', flush=True)
+                logger.error(f'error: {error}; this job is not recorded')
                 finished.update(status='not recorded', error=str(error))
         run_job(config, class_name, seed, device, results_dir, record, catch_all=True)
-        print(f"job {index + 1}/{len(jobs)}: {class_name} seed {seed} {finished['status']} in "
-              f'{time.time() - started:.1f} s' + (' (error above)' if finished['error'] else ''), flush=True)
+        logger.info(f"job {index + 1}/{len(jobs)}: {class_name} seed {seed} {finished['status']} in "
+                    f'{time.time() - started:.1f} s' + (' (error above)' if finished['error'] else ''))
         if launch.rank == 0:  # results.json follows the sweep while it runs
             try:
                 write_json_atomic(os.path.join(results_dir, 'results.json'), merged_results(
                     config, plan['names'], plan['problems'], read_job_files(results_dir), earlier))
             except WriteFailed as error:
-                print(f'warning: {error}; it is written again after the next job', flush=True)
+                logger.warning(f'warning: {error}; it is written again after the next job')
 
 
 def run_sweep(config, launch, resume=None):
@@ -202,16 +205,14 @@ def run_sweep(config, launch, resume=None):
         while store.add('ranks_finished', 0) < launch.world_size:
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        print(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
-              f'torchrun options and:  main.py --resume {results_dir}', flush=True)
+        logger.info(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
+                    f'torchrun options and:  main.py --resume {results_dir}')
         raise
     results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir), earlier)
     deviations = deviations_from_paper(config)
     if not write_results_or_warn(results_dir, results, deviations):
         results['failed'].append({'class_name': '(results files)', 'seed': None,
                                   'error': f'the results files in {results_dir} could not be written'})
-    if isinstance(sys.stdout, RankPrefixed):  # the summary reads as a one-process run's
-        sys.stdout.close_partial()
-        sys.stdout = sys.stdout.stream
+    drop_rank_prefix()  # the summary reads as a one-process run's
     end_run(results_dir, results, deviations, where_else=f'; one file per job in {JOBS_DIR}/')
     return results_dir, len(results['failed']), len(results['classes'])

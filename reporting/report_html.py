@@ -7,10 +7,10 @@ import os
 
 from PIL import Image
 
-from localization import map_png_name
-from references import as_float, runs_by_class
-from settings import file_stem
-from summary import (F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text, mean_std_text,
+from base.file_names import map_png_name
+from reporting.references import as_float, runs_by_class
+from base.file_names import file_stem
+from reporting.summary import (F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text, mean_std_text,
                      summary_header)
 
 MAX_GALLERY_MAPS = 12  # gradient maps shown per class in report.html: enough to judge them, the page stays small

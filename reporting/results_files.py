@@ -8,12 +8,12 @@ import csv
 import io
 import os
 
-from atomic_files import write_json_atomic, write_text_atomic
-from plots import write_auroc_plot, write_class_plots, write_paper_comparison_plot
-from references import has_references
-from report_html import report_html
-from settings import file_stem
-from summary import (CSV_REFERENCE_COLUMNS, F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text,
+from base.atomic_files import write_json_atomic, write_text_atomic
+from reporting.plots import write_auroc_plot, write_class_plots, write_paper_comparison_plot
+from reporting.references import has_references
+from reporting.report_html import report_html
+from base.file_names import file_stem
+from reporting.summary import (CSV_REFERENCE_COLUMNS, F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text,
                      in_progress_text, summary_header)
 
 

@@ -8,16 +8,20 @@ caller needs to make the views, average them into an image's score and decide.
 Exporter: torch.onnx.export, the TorchScript-based exporter (dynamo=False), ONNX opset 17.
 """
 import json
+import logging
 import os
 
 import numpy as np
 import onnxruntime
 import torch
 
-from atomic_files import file_sha256, replace_atomically, write_text_atomic
-from errors import UserError
-from scoring import Scorer
+from base.atomic_files import file_sha256, replace_atomically, write_text_atomic
+from base.errors import UserError
+from deployment.scoring import Scorer
+from model import view_scores
 from utils import fixed_angles
+
+logger = logging.getLogger(__name__)
 
 OPSET = 17
 EXPORTER = f'torch.onnx.export (TorchScript-based, dynamo=False), opset {OPSET}'
@@ -27,8 +31,8 @@ EXPORT_VERSION = 1
 
 
 class ViewScores(torch.nn.Module):
-    """views (N, 3, s, s) -> (N,): each view's mean z^2 over the flow's dimensions; an image's anomaly score
-    is the mean of its n_transforms_test views' (train.score_features)."""
+    """views (N, 3, s, s) -> (N,): each view's mean z^2 over the flow's dimensions (model.view_scores); an
+    image's anomaly score is the mean of its n_transforms_test views' (model.image_scores)."""
 
     def __init__(self, model):
         super().__init__()
@@ -36,7 +40,7 @@ class ViewScores(torch.nn.Module):
 
     def forward(self, views):
         z, _ = self.model(views)
-        return torch.mean(z ** 2, dim=1)
+        return view_scores(z)
 
 
 def export_description(scorer, onnx_path):
@@ -63,12 +67,12 @@ def export_description(scorer, onnx_path):
     }
 
 
-def export_onnx(config, checkpoint_path, onnx_path, log=print):
+def export_onnx(config, checkpoint_path, onnx_path):
     """Writes `onnx_path` and `<onnx_path without .onnx>.json` from the checkpoint; checks with onnxruntime
     that the exported graph scores two views as PyTorch does (1e-4 relative) and returns the JSON dict."""
     if not onnx_path.endswith('.onnx'):
         raise UserError(f'--export {onnx_path}: the file name must end in .onnx, e.g. --export bottle.onnx')
-    scorer = Scorer(checkpoint_path, config, log=log)
+    scorer = Scorer(checkpoint_path, config)
     model = scorer.model.to('cpu').use_flow_kernel('default').eval()  # plain products: ONNX MatMul
     wrapper = ViewScores(model).eval()
     size = scorer.settings.img_size
@@ -88,7 +92,7 @@ def export_onnx(config, checkpoint_path, onnx_path, log=print):
     description = export_description(scorer, onnx_path)
     json_path = os.path.splitext(onnx_path)[0] + '.json'
     write_text_atomic(json_path, json.dumps(description, indent=2))
-    log(f'Exported {onnx_path} ({os.path.getsize(onnx_path) / 1e6:.1f} MB, {EXPORTER}) and {json_path}; '
+    logger.info(f'Exported {onnx_path} ({os.path.getsize(onnx_path) / 1e6:.1f} MB, {EXPORTER}) and {json_path}; '
         f'onnxruntime scores views as PyTorch does (max relative difference {error:.1e})')
     return description
 
@@ -119,4 +123,4 @@ def export_command(config, args):
     if not args.checkpoint:
         raise UserError('--export FILE needs --checkpoint FILE, e.g. --export bottle.onnx --checkpoint '
                         'results/RUN/bottle_checkpoint.pt')
-    export_onnx(config, args.checkpoint, args.export, log=lambda line: print(line, flush=True))
+    export_onnx(config, args.checkpoint, args.export)

@@ -1,24 +1,27 @@
-"""The configuration of a run: config.py's values and comments, a value typed on the command line, checks.
+"""The configuration of a run: config.py's values and comments, a value typed on the command line, checks,
+the typed groups functions receive, the run's deviations from the paper, and what --resume may change.
 
-Imports no torch: `python main.py --help` and every user error stay fast.
+What the code knows about each setting is in settings_table.py. Imports no torch: `python main.py --help` and
+every user error stay fast.
 """
 import ast
 import difflib
+import functools
 import os
 import re
 import types
+import typing
 
 import config as default_config
-from errors import UserError
+from base.errors import UserError
+from base.settings_table import (AUTO_SETTINGS, GROUPS, PATH_SETTINGS, POSITIVE_INTEGERS, RESUMABLE_SETTINGS,  # noqa: F401
+                                 RETIRED_SETTINGS, SETTINGS, names_in, paper_values)
 
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
-AUTO_SETTINGS = ('bf16_autocast',)  # true/false settings that also take 'auto' (decided per device at the start)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO_ROOT, 'config.py')
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
 FLOW_KERNELS = ('auto', 'default', 'onednn')
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
-POSITIVE_INTEGERS = ('img_size', 'n_scales', 'n_coupling_blocks', 'fc_internal', 'meta_epochs', 'sub_epochs',
-                     'n_transforms', 'n_transforms_test', 'batch_size', 'batch_size_test', 'extract_batch_size',
-                     'extract_batch_size_cuda')
 
 
 def same_value(value, other):
@@ -129,6 +132,71 @@ def run_seeds(config):
     return list(config.seeds) if config.seeds else [config.seed]
 
 
-def file_stem(class_name, seed, seeds):
-    """How a job's files are named: '<class>', or '<class>_seed<seed>' in a run of several seeds."""
-    return f'{class_name}_seed{seed}' if len(seeds) > 1 else class_name
+def with_values(config, **changes):
+    """A copy of `config` with `changes` (names config.py has)."""
+    return build_config(**{**vars(config), **changes})
+
+
+def settings_group(config, group):
+    """The typed group `group` (settings_table.GROUPS) of `config`: a read-only record of just its settings,
+    what a function that needs only those receives."""
+    return group_type(group)(**{name: getattr(config, name) for name in names_in(group)})
+
+
+@functools.cache
+def group_type(group):
+    """The NamedTuple class of a group, ModelSettings for 'model', its fields typed as config.py's values."""
+    if group not in GROUPS:
+        raise ValueError(f'{group!r} is not a settings group; one of {GROUPS}')
+    defaults = config_defaults()
+    return typing.NamedTuple(f'{group.title()}Settings', [(name, type(defaults[name])) for name in names_in(group)])
+
+
+def deviations_from_paper(config):
+    """[(name, value, paper value)] for every setting that can change a number and differs from the paper's."""
+    return [(name, getattr(config, name), reference) for name, reference in paper_values().items()
+            if not same_value(getattr(config, name), reference)]
+
+
+def stored_config(config):
+    """{name: value} of `config` as results.json keeps it: path settings absolute, so that --resume works from
+    any working directory."""
+    values = dict(vars(config))
+    for name in PATH_SETTINGS:
+        if values.get(name):
+            values[name] = os.path.abspath(values[name])
+    return values
+
+
+def resumed_config(saved, given, results_dir):
+    """(config, lines saying what changed) for `--resume results_dir`: the run's saved values `saved`, with the
+    options `given` on the command line now ({name: value}) applied where they change no number.
+
+    Raises UserError naming the first option that would change the numbers, or a saved setting unknown to
+    this code that may have (settings_table.RETIRED_SETTINGS says which retired ones did not).
+    """
+    defaults, values, lines = config_defaults(), {}, []
+    for name, value in saved.items():
+        if name in defaults:
+            values[name] = value
+            continue
+        changes_numbers, why = RETIRED_SETTINGS.get(name, (True, 'unknown to this code'))
+        if changes_numbers:
+            raise UserError(f"the run in {results_dir} has setting {name} = {value!r}, which this code's config.py "
+                            f'does not have ({why}) and which may change its numbers; continue it with the code '
+                            f'that started it, or start a new run')
+        lines.append(f'resume: setting {name} = {value!r} of the run is no longer in config.py ({why}); ignored')
+    for name in defaults:
+        if name not in values:
+            values[name] = defaults[name]
+            lines.append(f'resume: setting {name} is newer than the run; it takes its default {defaults[name]!r}')
+    for name, value in given.items():
+        if same_value(value, values[name]):
+            continue
+        if name not in RESUMABLE_SETTINGS:
+            raise UserError(f'--{name} {value!r} would change the numbers of the run in {results_dir} (it ran with '
+                            f'{values[name]!r}; {name}: {SETTINGS[name].effect}); resume without it, or start a '
+                            f'new run')
+        lines.append(f'resume: {name} {values[name]!r} -> {value!r} ({SETTINGS[name].effect})')
+        values[name] = value
+    return build_config(**values), lines

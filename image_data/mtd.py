@@ -10,11 +10,12 @@ train = the 761 listed MT_Free images; test = the other MT_Free images and every
 """
 import os
 
-from errors import UserError
-from image_files import Sample, list_images
+from base.errors import UserError
+from image_data.image_files import Sample, list_images
 
 MTD_CLASS = 'mtd'
-MTD_TRAIN_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'splits', 'mtd_train_filenames.txt')
+MTD_TRAIN_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'splits',
+                              'mtd_train_filenames.txt')
 
 
 def is_mtd_folder(path):

@@ -5,8 +5,8 @@ import os
 import torch
 import torchvision
 
-from atomic_files import free_bytes, size_text
-from errors import UserError
+from base.atomic_files import free_bytes, size_text
+from base.errors import UserError
 from model import N_FEATURES_PER_SCALE, build_flow
 
 BYTES_PER_VALUE = 4  # float32 parameters and Adam moments

@@ -7,10 +7,10 @@ import warnings
 import matplotlib
 import numpy as np
 
-from atomic_files import replace_atomically
-from metrics import auroc_or_nan
-from references import as_float, class_references, runs_by_class
-from summary import mean_or_nan
+from base.atomic_files import replace_atomically
+from base.metrics import auroc_or_nan
+from reporting.references import as_float, class_references, runs_by_class
+from reporting.summary import mean_or_nan
 
 matplotlib.use('Agg')  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

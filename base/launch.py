@@ -1,11 +1,11 @@
 """How this process was started: torchrun's environment (a sweep when two or more processes run), and
-its output prefixed with its rank. Imports no torch, so that main.py reads it before choosing a command.
+its stderr prefixed with its rank. Imports no torch, so that main.py reads it before choosing a command.
 """
 import os
 import sys
 from typing import NamedTuple
 
-from errors import UserError
+from base.errors import UserError
 
 
 class Launch(NamedTuple):
@@ -57,14 +57,14 @@ class RankPrefixed:
         return getattr(self.stream, name)
 
 
-def prefix_output(launch):
-    """Prefixes this process's stdout and stderr with its rank; returns a function that undoes it."""
-    originals = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (RankPrefixed(stream, f'[rank {launch.rank}] ') for stream in originals)
+def prefix_stderr(launch):
+    """Prefixes this process's stderr (tracebacks, progress bars, other libraries' output) with its rank, as the
+    logging formatter does its own lines (base/logs.py); returns a function that undoes it."""
+    original = sys.stderr
+    sys.stderr = RankPrefixed(original, f'[rank {launch.rank}] ')
 
     def restore():
-        for stream in (sys.stdout, sys.stderr):
-            if isinstance(stream, RankPrefixed):
-                stream.close_partial()
-        sys.stdout, sys.stderr = originals
+        if isinstance(sys.stderr, RankPrefixed):
+            sys.stderr.close_partial()
+        sys.stderr = original
     return restore

@@ -1,9 +1,9 @@
-"""Scoring new images with a trained checkpoint: the `--score` command, the threshold and the score
-statistics of defect-free images it comes from, and the scores CSV.
+"""Scoring new images with a trained checkpoint: `Scorer` (from Python), the `--score` command, and the scores
+CSV. The threshold and the 0..1 scale come from base/thresholds.py, the score itself from model.py.
 """
 import csv
 import io
-import math
+import logging
 import os
 import time
 import types
@@ -12,49 +12,18 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
-from atomic_files import write_text_atomic
-from errors import UserError
-from features import TEST_VIEW_SEED_OFFSET, fixed_view_features, prepare_extractor
-from hardware import resolve_device
-from localization import export_map, gradient_map, map_file_name
-from model import load_checkpoint
-from settings import build_config, config_defaults, same_value, validate_threshold_fpr
-from train import score_features
-from utils import Sample, image_extensions, image_problems, is_image_name, to_rgb
+from base.atomic_files import write_text_atomic
+from base.errors import UserError
+from base.file_names import map_file_name
+from base.hardware import resolve_device
+from base.settings import build_config, config_defaults, same_value, settings_group, validate_threshold_fpr
+from base.thresholds import decision_threshold, normalized_scores, score_normalization
+from image_data.image_files import Sample, image_extensions, image_problems, is_image_name, to_rgb
+from localization import export_map, gradient_map
+from model import fixed_rotation_features, load_checkpoint, score_view_features
 
-SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
+logger = logging.getLogger(__name__)
 
-
-def score_statistics(scores, files):
-    """What a checkpoint keeps of the scores of defect-free images: n, mean, std, quantiles, and the raw
-    scores with their files (a threshold for any false-positive rate can be set from them later)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return {'n': int(len(scores)), 'mean': float(scores.mean()), 'std': float(scores.std()),
-            'quantiles': {str(q): float(np.quantile(scores, q)) for q in SCORE_QUANTILES},
-            'scores': [float(s) for s in scores], 'files': list(files)}
-
-
-def threshold_at_fpr(scores, fpr):
-    """The smallest of `scores` that at most floor(fpr * n) of them exceed: with `score > threshold`
-    as the decision, the share of these images called anomalous is at most `fpr`."""
-    ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    allowed = int(math.floor(fpr * len(ranked) + 1e-9))
-    return float(ranked[min(allowed, len(ranked) - 1)])
-
-
-def decision_threshold(reference_scores, fpr, explicit=None, checkpoint_path=''):
-    """(threshold, one line saying where it comes from)."""
-    if explicit is not None:
-        return float(explicit), 'given with --threshold'
-    for name, what in (('validation', 'held-out defect-free validation images'),
-                       ('training', "training images' own scores (optimistic: the flow was fitted to them; "
-                                    'train with --val_fraction 0.1 for a held-out threshold)')):
-        stats = (reference_scores or {}).get(name)
-        if stats:
-            threshold = threshold_at_fpr(stats['scores'], fpr)
-            return threshold, f"score at false-positive rate {fpr:g} on the {stats['n']} {what}"
-    raise UserError(f'checkpoint {checkpoint_path} holds no scores of defect-free images (an official '
-                    f'checkpoint); give a threshold with --threshold X')
 
 
 def collect_images(paths):
@@ -87,30 +56,6 @@ def write_scores_csv(path, results):
         writer.writerow([result.name, f'{result.raw:.9g}', f'{result.score:.6f}',
                          'anomalous' if result.anomalous else 'good'])
     write_text_atomic(path, text.getvalue())
-
-
-def prepare_model(model, settings, device):
-    """The model as training left it for scoring: on `device`, extractor memory format as the run's
-    (channels_last changes float rounding), the flow's kernel as cpu_flow_kernel says ('auto': PyTorch's
-    own, a scoring run measures nothing), eval mode."""
-    model.to(device).use_flow_kernel(settings.cpu_flow_kernel)
-    prepare_extractor(model, settings)
-    return model.eval()
-
-
-def reference_view_features(model, samples, settings, device, description, log=print, images=None):
-    """Features (N, n_views, D) of `samples` at the fixed rotations, with the view seed of the test views
-    (it matters only with colour jitter on), so that scores match a run with fixed_test_rotations."""
-    features, _ = fixed_view_features(model, samples, settings.n_transforms_test,
-                                      settings.seed + TEST_VIEW_SEED_OFFSET, settings, device, description,
-                                      log, fixed_rotations=True, images=images)
-    return features
-
-
-def scores_of_features(model, features, settings):
-    """Anomaly score of each image (N,) from its view features (N, n_views, D); model in eval mode."""
-    model.eval()
-    return score_features(model, features, settings)[0]
 
 
 def scoring_settings(checkpoint_settings, config):
@@ -146,25 +91,6 @@ class ImageScore(NamedTuple):
     gradient_map: Optional[np.ndarray] = None
 
 
-def score_normalization(reference_scores, threshold):
-    """{'threshold', 'exponent'} of the 0..1 scale: score = 1 / (1 + (threshold / raw) ** exponent), i.e. a
-    logistic curve in log(raw) centred on the threshold (raw scores span orders of magnitude: about 1 for
-    defect-free images, up to 1e12 for defective ones). The exponent puts the median defect-free reference
-    score (held-out images, else training ones) at 0.25: exponent = ln 3 / ln(threshold / median); 1 where
-    there is no such median below the threshold (an official checkpoint and --threshold)."""
-    stats = (reference_scores or {}).get('validation') or (reference_scores or {}).get('training')
-    median = stats['quantiles']['0.5'] if stats else None
-    exponent = math.log(3) / math.log(threshold / median) if median and 0 < median < threshold else 1.0
-    return {'threshold': float(threshold), 'exponent': float(exponent)}
-
-
-def normalized_scores(raw_scores, normalization):
-    """Raw scores (> 0) on the 0..1 scale of `score_normalization`: monotone, the threshold at 0.5."""
-    logit = normalization['exponent'] * (np.log(np.maximum(np.asarray(raw_scores, dtype=np.float64), 1e-300))
-                                         - math.log(normalization['threshold']))
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -700, 700)))
-
-
 def as_rgb_image(image):
     """An RGB PIL image from a PIL image or a uint8 array (h, w), (h, w, 3) or (h, w, 4)."""
     if isinstance(image, Image.Image):
@@ -188,7 +114,7 @@ class Scorer:
     reference scores.
     """
 
-    def __init__(self, checkpoint_path, config=None, threshold=None, log=print):
+    def __init__(self, checkpoint_path, config=None, threshold=None):
         config = config or build_config()
         validate_threshold_fpr(config)
         self.checkpoint_path = checkpoint_path
@@ -197,22 +123,23 @@ class Scorer:
         overruled = overruled_settings(self.checkpoint['settings'], config)
         if overruled:
             fixed = ', '.join(f'{name} {used!r} (asked: {asked!r})' for name, (asked, used) in overruled.items())
-            log(f'the checkpoint fixes {fixed}: its threshold and reference scores were made with these, so '
+            logger.info(f'the checkpoint fixes {fixed}: its threshold and reference scores were made with these, so '
                 'they are used')
         self.threshold, self.threshold_origin = decision_threshold(
             self.checkpoint['reference_scores'], config.threshold_fpr, threshold, checkpoint_path)
         self.normalization = score_normalization(self.checkpoint['reference_scores'], self.threshold)
         self.device = resolve_device(config.device)
-        prepare_model(self.model, self.settings, self.device)
-        self.log = log
+        # as training left it: extractor memory format as the run's (channels_last changes float rounding),
+        # its precision; the flow's kernel as cpu_flow_kernel says ('auto': PyTorch's own: scoring measures nothing)
+        self.model.prepare(settings_group(self.settings, 'numerics'), self.device).eval()
 
     def raw_scores(self, images, names):
         """The mean z^2 of each image (an RGB PIL image, or None: the file `name`), its n_transforms_test
         views at the fixed rotations batched through AlexNet and the flow."""
         samples = [Sample(name, -1, '') for name in names]
-        features = reference_view_features(self.model, samples, self.settings, self.device, 'scored images',
-                                           self.log, images=images)
-        return scores_of_features(self.model, features, self.settings)
+        features = fixed_rotation_features(self.model, samples, self.settings, self.device, 'scored images',
+                                           images=images)
+        return score_view_features(self.model, features, self.settings.batch_size_test)[0]
 
     def score(self, images, maps=False):
         """[ImageScore] of `images` (paths, PIL images or uint8 arrays), in order; with `maps` each with its
@@ -234,8 +161,7 @@ class Scorer:
         return results
 
 
-def score_images(config, paths, checkpoint_path, threshold=None, score_out='scores.csv', maps_dir='',
-                 log=print):
+def score_images(config, paths, checkpoint_path, threshold=None, score_out='scores.csv', maps_dir=''):
     """The `--score` command: scores the images of `paths` with the checkpoint (loaded once), decides with
     the threshold, prints a table and the images per second, writes the CSV (and a gradient-map PNG per
     image into `maps_dir`). Returns the ImageScores."""
@@ -244,23 +170,23 @@ def score_images(config, paths, checkpoint_path, threshold=None, score_out='scor
     if problems:
         raise UserError('; '.join(f'cannot read image {path} ({reason})' for path, reason in problems)
                         + '; replace or remove it')
-    scorer = Scorer(checkpoint_path, config, threshold, log)
+    scorer = Scorer(checkpoint_path, config, threshold)
     checkpoint, settings = scorer.checkpoint, scorer.settings
-    log(f"Checkpoint {checkpoint_path} ({checkpoint['class_name'] or 'official'}; "
+    logger.info(f"Checkpoint {checkpoint_path} ({checkpoint['class_name'] or 'official'}; "
         f"{checkpoint['extractor']['source']}; {settings.n_transforms_test} views at fixed rotations)")
-    log(f'Threshold {scorer.threshold:.6g}: {scorer.threshold_origin}; score = 1 / (1 + (threshold / raw) ^ '
+    logger.info(f'Threshold {scorer.threshold:.6g}: {scorer.threshold_origin}; score = 1 / (1 + (threshold / raw) ^ '
         f"{scorer.normalization['exponent']:.4g}), the threshold at 0.5")
     started = time.perf_counter()
     results = scorer.score(image_paths)
     seconds = time.perf_counter() - started
     width = max(len(path) for path in image_paths)
-    log(f"{'file':<{width}}  {'raw score':>12}  {'score':>6}  decision")
+    logger.info(f"{'file':<{width}}  {'raw score':>12}  {'score':>6}  decision")
     for result in results:
-        log(f"{result.name:<{width}}  {result.raw:>12.6g}  {result.score:>6.3f}  "
+        logger.info(f"{result.name:<{width}}  {result.raw:>12.6g}  {result.score:>6.3f}  "
             f"{'anomalous' if result.anomalous else 'good'}")
     write_scores_csv(score_out, results)
     n_anomalous = sum(result.anomalous for result in results)
-    log(f'{len(results)} images, {n_anomalous} anomalous, {len(results) / seconds:.2f} images/s '
+    logger.info(f'{len(results)} images, {n_anomalous} anomalous, {len(results) / seconds:.2f} images/s '
         f'({settings.n_transforms_test} views each); wrote {score_out}')
     if maps_dir:
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in image_paths])
@@ -268,7 +194,7 @@ def score_images(config, paths, checkpoint_path, threshold=None, score_out='scor
             export_map(scorer.model, result.name, os.path.basename(os.path.dirname(os.path.abspath(result.name))),
                        settings, scorer.device, os.path.join(maps_dir, map_file_name(result.name, root)),
                        score=result.raw)
-        log(f'gradient maps: {len(results)} PNGs in {maps_dir}')
+        logger.info(f'gradient maps: {len(results)} PNGs in {maps_dir}')
     return results
 
 
@@ -278,4 +204,4 @@ def score_command(config, args):
         raise UserError('--score PATH... and --checkpoint FILE go together, e.g. '
                         '--score data/new_parts --checkpoint results/RUN/bottle_checkpoint.pt')
     score_images(config, args.score, args.checkpoint, threshold=args.threshold, score_out=args.score_out,
-                 maps_dir=args.maps, log=lambda line: print(line, flush=True))
+                 maps_dir=args.maps)

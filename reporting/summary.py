@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from references import (as_float, class_references, has_references, mean_row_groups, reference_notes, runs_by_class,
+from reporting.references import (as_float, class_references, has_references, mean_row_groups, reference_notes, runs_by_class,
                         split_notes)
 
 REFERENCE_COLUMNS = [('paper', 'Paper'), ('max_minus_paper', 'Max − paper'),

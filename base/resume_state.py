@@ -4,8 +4,8 @@ import random
 import numpy as np
 import torch
 
-from atomic_files import replace_atomically
-from errors import UserError
+from base.atomic_files import replace_atomically
+from base.errors import UserError
 
 
 def rng_state():

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from base.errors import UserError
 
 BF16_MIN_SPEEDUP = 1.2  # 'auto' takes bfloat16 on a CPU only when its convolutions measure this much faster
 ONEDNN_VENDORS = ('AuthenticAMD',)  # CPUs where MKL's fp32 products run far below oneDNN's (docs/performance.md)

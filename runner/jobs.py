@@ -2,34 +2,33 @@
 shares: the checks and lines it starts with, its results folder, --resume, the finished jobs, the summary it
 ends with. main.py runs it in one process; sweep.py hands its jobs to the processes of a torchrun.
 """
-import datetime
+import logging
 import os
-import re
 import resource
-import socket
 import sys
-import traceback
 
 import torch
 
-from atomic_files import WriteFailed, read_json, remove_stale_temporaries, write_json_atomic
-from demo_data import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset
-from disk import check_free_space, disk_text, space_needs
-from errors import UserError
-from hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
+from base.atomic_files import WriteFailed, remove_stale_temporaries
+from base.errors import UserError
+from base.file_names import file_stem
+from base.hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
+from base.metrics import defect_type_aurocs, f1_at_threshold, f1_max
+from base.settings import (deviations_from_paper, requested_class_names, run_seeds, settings_group, stored_config,
+                           validate_config, with_values)
+from base.thresholds import decision_threshold, score_statistics
+from image_data.demo_data import DEMO_CLASS, DEMO_DATASET_PATH, ensure_demo_dataset
+from image_data.layouts import (class_folder_of, class_folders, detect_layout, find_class_samples, n_validation_images,
+                                scan_class, split_validation, training_subset)
 from localization import localize_class
-from metrics import defect_type_aurocs, f1_at_threshold, f1_max
-from model import build_model, save_checkpoint
-from paper_values import deviations_from_paper
-from report import results_markdown, write_results_files
-from scoring import decision_threshold, reference_view_features, score_statistics, scores_of_features
-from settings import build_config, file_stem, requested_class_names, run_seeds, validate_config
+from model import build_model, fixed_rotation_features, save_checkpoint, score_view_features
+from reporting.results_files import results_markdown, write_results_files
+from runner.disk import check_free_space, disk_text, space_needs
+from runner.run_folder import finished_entries, fresh_results_dir
 from train import TrainingDiverged, seed_everything, train_class
-from utils import (class_folder_of, class_folders, detect_layout, find_class_samples, n_validation_images, scan_class,
-                   split_validation, training_subset)
 
-JOBS_DIR = 'jobs'  # a sweep's finished jobs, one file each: jobs/<class>_seed<seed>.json
-JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
+logger = logging.getLogger(__name__)
+
 POOL_WARNING = ('warning: train_feature_pool {pool} draws training views from a fixed pool; on MVTec screw (not '
                 'rotation-symmetric) the flow memorizes it: AUROC peaked near 0.85 and fell to 0.75 within 8 x 8 '
                 'epochs, in fp32 and bf16 alike, where the official on-line views reached 0.92 (docs/performance.md); '
@@ -74,7 +73,7 @@ def with_machine_choices(config, device):
     use_bf16, precision = choose_precision(config.bf16_autocast, *bf16_pays_off(device, measure))
     kernel, kernels = choose_flow_kernel(config.cpu_flow_kernel, device, use_bf16, config.batch_size *
                                          config.n_transforms, config.fc_internal)
-    return build_config(**{**vars(config), 'bf16_autocast': use_bf16, 'cpu_flow_kernel': kernel}), [precision, kernels]
+    return with_values(config, bf16_autocast=use_bf16, cpu_flow_kernel=kernel), [precision, kernels]
 
 
 def class_sizes(config, names):
@@ -90,7 +89,7 @@ def class_sizes(config, names):
 def check_disk(config, results_dir, jobs, running_at_once=1):
     """Prints the disk line and refuses (UserError) a run whose files do not fit where they go; `jobs` are
     the (class, seed) pairs still to run."""
-    print(disk_text(config, len(jobs), running_at_once), flush=True)
+    logger.info(disk_text(config, len(jobs), running_at_once))
     sizes = class_sizes(config, sorted({name for name, _ in jobs}))
     check_free_space(space_needs(config, results_dir, [sizes[name] for name, _ in jobs], running_at_once))
 
@@ -101,11 +100,11 @@ def start_run(config, device):
     precision decided, class names, {class: why it cannot run})."""
     validate_config(config)
     config, lines = with_machine_choices(config, device)
-    print('\n'.join(lines), flush=True)
+    logger.info('\n'.join(lines))
     if config.train_feature_pool:
-        print(POOL_WARNING.format(pool=config.train_feature_pool), flush=True)
+        logger.warning(POOL_WARNING.format(pool=config.train_feature_pool))
     if os.path.normpath(config.dataset_path) == DEMO_DATASET_PATH and ensure_demo_dataset(DEMO_DATASET_PATH):
-        print(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}', flush=True)
+        logger.info(f'Generated the demo dataset in {DEMO_DATASET_PATH}/{DEMO_CLASS}')
     names, problems = checked_class_names(config)
     return config, names, problems
 
@@ -115,101 +114,26 @@ def end_run(results_dir, results, deviations, where_else=''):
     state_dir = os.path.join(results_dir, 'resume')
     if os.path.isdir(state_dir) and not os.listdir(state_dir):
         os.rmdir(state_dir)
-    print('\n' + results_markdown(results, deviations))
-    print(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and '
-          f'plots{where_else})', flush=True)
-    print(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it in a "
-          f'browser)', flush=True)
+    logger.info('\n' + results_markdown(results, deviations))
+    logger.info(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and '
+                f'plots{where_else})')
+    logger.info(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it "
+                f'in a browser)')
 
-
-def fresh_results_dir(config):
-    """`results_dir` if given (created; refused if an earlier run wrote there), else
-    results/<date>_<time>_<classes>; never an existing run's folder."""
-    if config.results_dir:
-        if os.path.isfile(os.path.join(config.results_dir, 'results.json')):
-            raise UserError(f'results_dir {config.results_dir} holds an earlier run; choose another folder, '
-                            f'or continue it with --resume {config.results_dir}')
-        os.makedirs(config.results_dir, exist_ok=True)
-        return config.results_dir
-    stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
-    base = os.path.join('results', f"{stamp}_{'_'.join(class_names(config))[:60]}")
-    path, suffix = base, 1
-    while os.path.exists(path):
-        suffix += 1
-        path = f'{base}_{suffix}'
-    os.makedirs(path)
-    return path
-
-
-def load_run_to_resume(results_dir):
-    """(config, results) of the run in `results_dir`, for --resume."""
-    path = os.path.join(results_dir, 'results.json')
-    if not os.path.isfile(path):
-        raise UserError(f'nothing to resume in {results_dir}: no results.json there; give the folder a run printed')
-    results = read_json(path)
-    return build_config(**results['config']), results
-
-
-# --- finished jobs: results.json's entries and a sweep's job files ------------------------------------
-
-def job_file(results_dir, class_name, seed):
-    return os.path.join(results_dir, JOBS_DIR, f'{class_name}_seed{seed}.json')
-
-
-def write_job_file(results_dir, class_name, seed, entry, failure, rank):
-    """Records one finished job: status done, diverged (entry and error) or failed (error only)."""
-    status = 'failed' if entry is None else entry['status']
-    record = {'class_name': class_name, 'seed': seed, 'status': status,
-              'error': failure['error'] if failure else None, 'entry': entry, 'rank': rank,
-              'host': socket.gethostname(), 'finished': datetime.datetime.now().isoformat(timespec='seconds')}
-    os.makedirs(os.path.join(results_dir, JOBS_DIR), exist_ok=True)
-    write_json_atomic(job_file(results_dir, class_name, seed), record)
-    return record
-
-
-def read_job_files(results_dir):
-    """{(class, seed): record} of the jobs/ folder (empty when there is none)."""
-    folder = os.path.join(results_dir, JOBS_DIR)
-    records = {}
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            if JOB_FILE_NAME.fullmatch(name):  # not the temporary file of a write in progress
-                record = read_json(os.path.join(folder, name))
-                records[(record['class_name'], record['seed'])] = record
-    return records
-
-
-def done_entries(results):
-    """{(class, seed): entry} of the jobs that results.json's dict `results` holds as done."""
-    return {(entry['class_name'], entry['seed']): entry for entry in (results or {}).get('classes', [])
-            if entry.get('status') == 'done'}
-
-
-def finished_entries(results_dir, results=None):
-    """{(class, seed): entry} of every job finished in `results_dir`: those of its results.json (`results`),
-    then those a sweep recorded in its job files."""
-    entries = done_entries(results)
-    for key, record in read_job_files(results_dir).items():
-        if record['status'] == 'done':
-            entries.setdefault(key, record['entry'])
-    return entries
-
-
-# --- one job --------------------------------------------------------------------------------------
 
 def class_samples(config, class_name, device):
     """(layout, training, validation and test samples) of a class, checked and announced."""
     train_samples, test_samples = find_class_samples(config.dataset_path, class_name)
     for warning in scan_class(config.dataset_path, class_name, train_samples, test_samples):
-        print(f'warning: {warning}', flush=True)
+        logger.warning(f'warning: {warning}')
     train_samples, val_samples = split_validation(train_samples, config.val_fraction, config.seed)
     available = len(train_samples)
     train_samples = training_subset(train_samples, config.n_train_images, config.seed)
     layout = detect_layout(class_folder_of(config.dataset_path, class_name))
     held_out = f' ({len(val_samples)} more held out for the --score threshold)' if val_samples else ''
     subset = f' (a seeded {len(train_samples)} of {available}: n_train_images)' if config.n_train_images else ''
-    print(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
-          + f'{subset}{held_out}, device {device}', flush=True)
+    logger.info(f'\n=== {class_name} (seed {config.seed}, {layout} layout): ' + workload_text(config, train_samples, test_samples)
+          + f'{subset}{held_out}, device {device}')
     return layout, train_samples, val_samples, test_samples, available
 
 
@@ -221,8 +145,8 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
     """
     layout, train_samples, val_samples, test_samples, available = class_samples(config, class_name, device)
     seed_everything(config.seed)
-    model, weights_source = build_model(config)
-    print(f'AlexNet weights: {weights_source}', flush=True)
+    model, weights_source = build_model(settings_group(config, 'model'))
+    logger.info(f'AlexNet weights: {weights_source}')
     stem = file_stem(class_name, config.seed, run_seeds(config))
     save = checkpoint_saver(model, config, weights_source, class_name, train_samples, val_samples, device)
     best_path = os.path.join(results_dir, f'{stem}_best.pt')
@@ -234,20 +158,19 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
         if config.save_best and is_new_max:
             try:
                 save(best_path, dict(history, meta_epoch=meta_epoch))
-                print(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}', flush=True)
+                logger.info(f'Best checkpoint (meta epoch {meta_epoch}): {best_path}')
             except WriteFailed as error:
-                print(f'warning: {error}; training goes on without this best checkpoint', flush=True)
+                logger.warning(f'warning: {error}; training goes on without this best checkpoint')
         if on_meta_epoch is not None:
             on_meta_epoch(entry_of(history, 'in progress'))
 
     status, error = 'done', None
     try:
-        history = train_class(model, train_samples, test_samples, config, device,
-                              log=lambda line: print(line, flush=True), resume_path=resume_path,
+        history = train_class(model, train_samples, test_samples, config, device, resume_path=resume_path,
                               on_meta_epoch=after_meta_epoch)
     except TrainingDiverged as diverged:
         history, status, error = diverged.history, 'diverged', str(diverged)
-        print(f'error: class {class_name} stopped: {error}', flush=True)
+        logger.error(f'error: class {class_name} stopped: {error}')
     entry = entry_of(history, status)
     entry['n_validation_images'] = len(val_samples)
     if config.n_train_images:  # the few-shot subset: which images, out of how many
@@ -270,17 +193,16 @@ def finish_class(model, config, save, test_samples, device, results_dir, stem, h
         try:
             statistics = save(checkpoint_path, history)
         except WriteFailed as error:  # the numbers are finished: they are recorded all the same
-            print(f'error: {error}; the results of this class are kept, its checkpoint is not', flush=True)
+            logger.error(f'error: {error}; the results of this class are kept, its checkpoint is not')
             return {**added, 'checkpoint_error': str(error)}
-        print(f'Checkpoint: {checkpoint_path}', flush=True)
+        logger.info(f'Checkpoint: {checkpoint_path}')
         added['checkpoint'] = os.path.basename(checkpoint_path)
         threshold, _ = decision_threshold(statistics, config.threshold_fpr)
         added['checkpoint_threshold'] = threshold  # what --score decides with, at threshold_fpr
         added['f1_at_checkpoint_threshold'] = f1_at_threshold(history['test_labels'], history['test_scores'],
                                                               threshold)
     if config.grad_map_viz:
-        added.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem),
-                                    log=lambda line: print(line, flush=True)))
+        added.update(localize_class(model, test_samples, config, device, os.path.join(results_dir, 'maps', stem)))
     return added
 
 
@@ -298,17 +220,17 @@ def checkpoint_saver(model, config, weights_source, class_name, train_samples, v
 
     def save(path, history):
         if not features:
-            # features.fixed_view_features leaves torch's random stream as it was, so training runs the same
+            # model.seeded_view_features leaves torch's random stream as it was, so training runs the same
             # whether or not (and whenever) a checkpoint is saved
             for name, samples in references.items():
                 if samples:
-                    features[name] = reference_view_features(model, samples, config, device,
-                                                             f'{name} reference views')
+                    features[name] = fixed_rotation_features(model, samples, config, device, f'{name} reference views')
         statistics = {name: None for name in references}
         for name, samples in references.items():
             if samples:
                 files = [os.path.relpath(sample.path, config.dataset_path) for sample in samples]
-                statistics[name] = score_statistics(scores_of_features(model, features[name], config), files)
+                scores, _ = score_view_features(model, features[name], config.batch_size_test)
+                statistics[name] = score_statistics(scores, files)
         save_checkpoint(path, model, config, weights_source, history, statistics, class_name)
         return statistics
 
@@ -368,7 +290,7 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
     User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
     with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
     """
-    seed_config = build_config(**{**vars(config), 'seed': seed})
+    seed_config = with_values(config, seed=seed)
     state_path = None
     if config.resume_state:
         os.makedirs(os.path.join(results_dir, 'resume'), exist_ok=True)
@@ -384,15 +306,15 @@ def run_job(config, class_name, seed, device, results_dir, record, on_progress=N
     except Exception as error:  # MemoryError included
         if isinstance(error, UserError):
             message = str(error)
-            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+            logger.error(f'error: class {class_name} (seed {seed}) failed: {message}')
         elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
             message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
-            print(f'error: {message}', flush=True)
+            logger.error(f'error: {message}')
             out_of_memory = True
         elif catch_all:
-            traceback.print_exc()
+            logger.exception(f'class {class_name} (seed {seed}) failed:')
             message = f'{type(error).__name__}: {error}'
-            print(f'error: class {class_name} (seed {seed}) failed: {message}', flush=True)
+            logger.error(f'error: class {class_name} (seed {seed}) failed: {message}')
         else:
             raise
     if out_of_memory and str(device).startswith('cuda'):
@@ -418,10 +340,10 @@ def run(config, resume=None):
     if resume:
         results_dir, results = resume
         finished = finished_entries(results_dir, results)  # failed jobs run again
-        results.update(classes=list(finished.values()), failed=[], in_progress=None)
+        results.update(config=stored_config(config), classes=list(finished.values()), failed=[], in_progress=None)
     else:
-        results_dir, finished = fresh_results_dir(config), {}
-        results = {'config': vars(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
+        results_dir, finished = fresh_results_dir(config, names), {}
+        results = {'config': stored_config(config), 'seeds': run_seeds(config), 'classes': [], 'failed': [],
                    'in_progress': None}
     pending = [(name, seed) for name in names if name not in problems for seed in run_seeds(config)
                if (name, seed) not in finished]
@@ -430,8 +352,8 @@ def run(config, resume=None):
         run_jobs(config, names, problems, finished, device, results_dir, results, deviations)
     except KeyboardInterrupt:
         write_results_or_warn(results_dir, results, deviations)
-        print(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
-              f'Continue exactly where it stopped with:  python main.py --resume {results_dir}', flush=True)
+        logger.info(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
+                    f'Continue exactly where it stopped with:  python main.py --resume {results_dir}')
         raise
     if not write_results_or_warn(results_dir, results, deviations):  # the last chance to record them
         results['failed'].append({'class_name': '(results files)', 'seed': None,
@@ -447,8 +369,8 @@ def write_results_or_warn(results_dir, results, deviations, figures=True):
         write_results_files(results_dir, results, deviations, figures)
         return True
     except WriteFailed as error:
-        print(f'warning: {error}; training goes on, the results files are written again at the next meta epoch',
-              flush=True)
+        logger.warning(f'warning: {error}; training goes on, the results files are written again at the next meta '
+                       'epoch')
         return False
 
 
@@ -469,7 +391,7 @@ def run_jobs(config, names, problems, finished, device, results_dir, results, de
 
     for class_name in names:
         if class_name in problems:
-            print(f'error: class {class_name} skipped: {problems[class_name]}', flush=True)
+            logger.error(f'error: class {class_name} skipped: {problems[class_name]}')
             record(None, {'class_name': class_name, 'seed': None, 'error': problems[class_name]})
             continue
         for seed in run_seeds(config):

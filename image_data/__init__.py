@@ -1,0 +1,1 @@
+"""The image folders a run reads: image files, dataset layouts (MVTec AD, BTAD, MTD), the demo set, tensor views."""
