@@ -30,6 +30,7 @@ from torchvision import transforms
 
 from base.file_names import map_png_name
 from base.metrics import AUPRO_MAX_FPR, pixel_auroc, pixel_metrics
+from base.settings import settings_group
 from freia_funcs import nll_loss
 from image_data.image_files import Sample, load_mask, load_rgb
 from model import TEST_VIEW_SEED_OFFSET, view_scores
@@ -107,7 +108,7 @@ def gradient_map(model, image_path, config, device, image=None):
 def view_gradients(model, image_path, config, device, image=None):
     """(dL/dviews (n_transforms_test, 3, s, s), score) of one image (its file, or `image` in memory) at the
     fixed angles, the views as the test views make them: the input of `gradient_map`'s operations."""
-    dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, config, fixed_rotations=True,
+    dataset = MultiViewDataset([Sample(image_path, 0, '')], config.n_transforms_test, settings_group(config, 'views'), fixed_rotations=True,
                                view_seed=config.seed + TEST_VIEW_SEED_OFFSET,  # colour jitter draws as the test views
                                images=None if image is None else [image])
     return input_gradients(model, dataset.views_of(0, device), model.views_per_pass)

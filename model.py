@@ -24,6 +24,7 @@ from base.atomic_files import WriteFailed, replace_atomically
 from base.errors import UserError
 from base.feature_cache import feature_cache_key, load_cached_features, save_cached_features
 from base.hardware import onednn_linear
+from base.settings import settings_group
 from base.settings_table import CHECKPOINT_SETTINGS
 from freia_funcs import DifferNetFlow, nll_loss
 from utils import MultiViewDataset, dataset_loader, normalize_views, progress, view_backend
@@ -214,7 +215,7 @@ def seeded_view_features(model, samples, n_views, view_seed, config, device, des
     it even without workers), so training runs the same whether the features came from the cache."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
-        dataset = MultiViewDataset(samples, n_views, config, fixed_rotations=fixed_rotations, view_seed=view_seed,
+        dataset = MultiViewDataset(samples, n_views, settings_group(config, 'views'), fixed_rotations=fixed_rotations, view_seed=view_seed,
                                    backend=view_backend(config.view_backend, device), images=images)
         key = None
         if config.feature_cache and images is None:

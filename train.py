@@ -150,7 +150,7 @@ def test_features_source(model, test_samples, config, device):
             model, test_samples, config.n_transforms_test, config.seed + TEST_VIEW_SEED_OFFSET, config, device,
             'test views', fixed_rotations=config.fixed_test_rotations)
         return (lambda meta_epoch: features), labels
-    test_set = MultiViewDataset(test_samples, config.n_transforms_test, config,
+    test_set = MultiViewDataset(test_samples, config.n_transforms_test, settings_group(config, 'views'),
                                 fixed_rotations=config.fixed_test_rotations, keep_images=True,
                                 backend=view_backend(config.view_backend, device))
     loader = dataset_loader(test_set, config.batch_size_test, False, config.num_workers, device)
@@ -165,7 +165,7 @@ def training_batches_source(model, train_samples, config, device):
         pool, _ = seeded_view_features(model, train_samples, config.train_feature_pool,
                                        config.seed + POOL_VIEW_SEED_OFFSET, config, device, 'training pool')
         return lambda: pool_batches(pool, config.batch_size, config.n_transforms)
-    train_set = MultiViewDataset(train_samples, config.n_transforms, config, keep_images=True,
+    train_set = MultiViewDataset(train_samples, config.n_transforms, settings_group(config, 'views'), keep_images=True,
                                  backend=view_backend(config.view_backend, device))
     loader = dataset_loader(train_set, config.batch_size, True, config.num_workers, device)
     return lambda: (features.reshape(-1, features.shape[-1])

@@ -4,7 +4,7 @@ Pixel-level AUROC and AUPRO are OUR extension: the paper reports neither (it sho
 They are streamed: maps and masks go one image at a time, each map upsampled to its mask's resolution and
 its pixels counted into PIXEL_METRIC_BINS score bins, so memory holds one image's pixels and a few
 histograms, whatever the number and size of the masks (pooling every pixel needs several GB on MVTec
-screw; tests/exact_metrics.py keeps that exact reference).
+screw; base/exact_metrics.py keeps that exact reference).
 """
 import numpy as np
 import torch

@@ -29,7 +29,7 @@ from base.metrics import pixel_metrics  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from deployment.scoring import scoring_settings  # noqa: E402
 from base.settings import build_config  # noqa: E402
-from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
+from base.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
 from image_data.layouts import find_class_samples
 from utils import fixed_angles
 from image_data.image_files import load_mask

@@ -27,7 +27,7 @@ from PIL import Image
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from tests.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
+from base.exact_metrics import aupro_exact, pixel_auroc_exact  # noqa: E402
 
 from base.metrics import pixel_metrics  # noqa: E402
 

@@ -126,3 +126,16 @@ def test_every_file_is_in_the_architecture_page():
     missing = [path for path in (os.path.relpath(p, REPO_ROOT) for p in project_modules().values())
                if f'`{os.path.basename(path)}`' not in page]
     assert not missing, f'docs/architecture.md does not describe {missing}'
+
+
+def test_the_z_squared_score_is_computed_in_model_py_only():
+    """The image score (mean z^2) has one home, model.py; the flow's loss (freia_funcs.nll_loss) aside."""
+    found = []
+    for name, path in project_modules().items():
+        if name in ('model', 'freia_funcs'):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and \
+                    isinstance(node.right, ast.Constant) and node.right.value == 2 and 'z' in ast.unparse(node.left):
+                found.append(f'{name}:{node.lineno}: {ast.unparse(node)}')
+    assert not found, f'z^2 computed outside model.py: {found}; call model.view_scores or model.image_scores'

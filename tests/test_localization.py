@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from exact_metrics import aupro_exact, pixel_auroc_exact
+from base.exact_metrics import aupro_exact, pixel_auroc_exact
 from official_views import view_transform
 from PIL import Image
 

@@ -1,5 +1,6 @@
 """Exact pixel metrics, every pixel pooled in memory: the references the streamed ones in metrics.py are
-checked against (tests) and measured against (benchmarks/pixel_metrics_memory.py, gradient_map_ops.py)."""
+checked against (tests) and measured against (benchmarks/pixel_metrics_memory.py, gradient_map_ops.py); no run
+uses them, they hold every pixel at once."""
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
