@@ -5,8 +5,8 @@
 
 A kept run is `<run>.results.json` (main.py's results), `<run>.time.txt` (its /usr/bin/time summaries) and
 `<run>.machine.txt` (cpu, gpu, torch, date), all three written by benchmarks/evidence_runs.sh.
-tests/test_evidence_tables.py fails when a page's table differs from what this prints. Only json and os:
-it runs on a checkout without the data and without importing the package.
+tests/test_evidence_tables.py fails when a page's table differs from what this prints. Standard library
+only: it runs on a checkout without the data and imports nothing of the package.
 """
 import argparse
 import json
