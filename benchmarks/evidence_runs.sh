@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The evidence runs of docs/few_shot_and_mtd.md (MTD with the paper's schedule; 16 and 64 training images),
+# The evidence runs of docs/results.md (MTD with the paper's schedule; 16 and 64 training images),
 # one (class, seed) run after another (two at once each run half as fast). Rerun it to continue: a finished
 # run is skipped, an interrupted one continues with --resume. Working folders and logs: $EVIDENCE_DIR (default
-# results/evidence); each finished run's results.json and /usr/bin/time summary are copied to docs/evidence/,
-# which is kept in the repository (a new checkout has no results/). Names in $ONLY (space-separated) run
+# results/evidence); each finished run's results.json, /usr/bin/time summary and machine (cpu, gpu, torch,
+# date) are copied to docs/evidence/, which is kept in the repository (a new checkout has no results/);
+# `python benchmarks/evidence_tables.py --markdown --write` then rewrites the tables of docs/results.md. Names in $ONLY (space-separated) run
 # only those runs. $FEATURE_CACHE_DIR sets a new run's --feature_cache_dir (default data/feature_cache):
 # with $EVIDENCE_DIR on storage that outlives the checkout, a run can continue from another clone.
 {  # parsed whole before anything runs: bash reads a script as it goes, and an edit in place while a run goes on would shift what it reads next
@@ -14,8 +15,22 @@ mkdir -p "$E" "$KEPT"
 finished() {  # a results.json in which every job of the run finished and none failed
   [ -f "$1" ] && python -c "import json,sys; r=json.load(open('$1')); sys.exit(0 if r['classes'] and not r.get('in_progress') and not r['failed'] and len(r['classes'])==len(r['seeds']) else 1)"
 }
-keep() {  # the finished run's results and the time summary of each process (part) that ran it
+machine() {  # where a run was kept: cpu (model, family, cores), gpu, torch version, date (UTC)
+  python -c "
+import datetime, os, torch
+info = {}
+for line in (open('/proc/cpuinfo') if os.path.exists('/proc/cpuinfo') else []):
+    key, _, value = line.partition(':')
+    info.setdefault(key.strip(), value.strip())
+cpu = info.get('model name', 'unknown CPU') + (f' (family {info[\"cpu family\"]} model {info.get(\"model\")})' if 'cpu family' in info else '')
+print(f'cpu: {cpu}, {os.cpu_count()} cores')
+print('gpu: ' + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'))
+print('torch: ' + torch.__version__)
+print('date: ' + datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d'))"
+}
+keep() {  # the finished run's results, the time summary of each process (part) that ran it, the machine
   cp $E/$1/results.json $KEPT/$1.results.json
+  machine > $KEPT/$1.machine.txt
   grep -E "^part starts|resumed after meta epoch|Elapsed|Maximum resident|Command being timed" $E/$1.log > $KEPT/$1.time.txt
   if [ ! -s $KEPT/$1.time.txt ]; then  # the timing process died before printing: say so, not an empty file
     echo "no /usr/bin/time summary in $E/$1.log; wall_time_s and peak_rss_gib in $1.results.json" > $KEPT/$1.time.txt

@@ -10,7 +10,7 @@ same input gradients; pixel AUROC and AUPRO both ways (exact and binned), and ho
 
 Prints figures only. Map differences are of maps scaled to their own min..max (as the PNGs show them).
 
-What it printed on bottle, and the command: docs/faithfulness.md (gradient maps).
+What it printed on bottle, and the command: docs/faithfulness.md (pixel AUROC and AUPRO).
 """
 import argparse
 import os

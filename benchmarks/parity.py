@@ -11,7 +11,7 @@ Each mode is a set of main.py options (MODES below); everything else is config.p
 checkpoint or resume state is written (parity needs only AUROC). Results of every run stay in --out (one
 folder per run, with its results.json); finished runs are kept, so an interrupted sweep can be resumed.
 
-The rule (docs/performance.md), applied per class to each pair in PAIRS: a speed-up shows a direction
+The rule (docs/faithfulness.md), applied per class to each pair in PAIRS: a speed-up shows a direction
 when, for max or for last AUROC, its paired differences (speed-up minus baseline, same seed) all have
 the same sign AND their mean is larger in size than the seed-to-seed spread (the standard deviation over
 seeds of the baseline's values). It becomes or stays a default only if it shows no direction on every

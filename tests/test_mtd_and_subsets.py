@@ -138,7 +138,7 @@ def test_mtd_is_compared_with_the_papers_table_2():
 
 
 def test_few_shot_table_averages_finished_runs_per_class_and_size(tmp_path):
-    """benchmarks/few_shot_table.py, which prints the table of docs/few_shot_and_mtd.md from kept results."""
+    """benchmarks/few_shot_table.py, which draws the plot of docs/results.md from kept results."""
     script = os.path.join(REPO_ROOT, 'benchmarks', 'few_shot_table.py')
 
     def kept(name, entries):

@@ -15,7 +15,9 @@ from main import parse_command_line
 from base.settings import build_config, config_comments, config_defaults, validate_config
 
 README_MAX_BYTES = 10_500  # README stays about 10 KB; the details belong in docs/
-README_SECTIONS = ['Two commands', 'Real data', 'Results so far', 'Configuration',
+PAGE_MAX_BYTES, DOCS_MAX_BYTES = 12_000, 70_000  # a docs page answers one question; together they stay readable
+DIARY_WORDS = ('session', 'sitting', 'kill -STOP', 'kill -CONT')  # how runs were gathered belongs in git
+README_SECTIONS = ['Two commands', 'Real data', 'Results', 'Configuration',
                    'Checkpoints, scoring, gradient maps', 'GPUs and clusters', 'Where the details are',
                    'Credits, license, citation']
 TABLE_START, TABLE_END = '<!-- config table: generated from config.py -->', '<!-- /config table -->'
@@ -53,6 +55,32 @@ def main_py_commands(text):
     return commands
 
 
+def inline_main_py_commands(text):
+    """[(command, argv after main.py)] of the `python main.py ...` written inline (in tables and prose) outside
+    code blocks; a span with a placeholder (NAME, VALUE, ...) is a pattern, not a command; `--help` exits."""
+    prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', text, flags=re.S | re.M)
+    commands = []
+    for span in re.findall(r'`([^`\n]+)`', prose.replace('\n', ' ')):
+        words = span.split()
+        if 'main.py' in words and words.index('main.py') > 0 and words[words.index('main.py') - 1] == 'python' \
+                and not any(word in ('NAME', 'VALUE', '...', 'DIR', '--help') for word in words):
+            commands.append((span, words[words.index('main.py') + 1:]))
+    return commands
+
+
+def benchmark_commands(text):
+    """[(command, script path, options)] of every `python benchmarks/X.py ...` / `bash benchmarks/X.sh`
+    in code blocks and inline code."""
+    commands = []
+    lines = [line for block in code_blocks(text) for line in block.replace('\\\n', ' ').splitlines()]
+    prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', text, flags=re.S | re.M)
+    lines += re.findall(r'`([^`\n]+)`', prose.replace('\n', ' '))
+    for line in lines:
+        for script, rest in re.findall(r'(?:python|bash) (benchmarks/[\w.]+)([^#`|]*)', line):
+            commands.append((line.strip(), script, re.findall(r'(?<!\S)(--[a-z_]+)', rest)))
+    return commands
+
+
 def check_command(argv):
     """Parses `argv` as main.py does and checks the values as a run would; raises on any mistake."""
     try:
@@ -85,6 +113,16 @@ def test_ci_runs_readme_commands_verbatim():
 def test_readme_is_short():
     size = len(read('README.md').encode())
     assert size <= README_MAX_BYTES, f'README.md is {size} bytes; move details into docs/'
+
+
+def test_docs_pages_are_short_and_no_diary():
+    sizes = {name: os.path.getsize(os.path.join(REPO_ROOT, name)) for name in doc_names() if name != 'README.md'}
+    assert not {name: size for name, size in sizes.items() if size > PAGE_MAX_BYTES}, sizes
+    assert sum(sizes.values()) <= DOCS_MAX_BYTES, f'docs/*.md hold {sum(sizes.values())} bytes; merge or cut'
+    for name in doc_names():
+        text = read(name).lower()
+        found = [word for word in DIARY_WORDS if word.lower() in text]
+        assert not found, f'{name} mentions {found}: say what a user does, not how a run was gathered'
 
 
 def test_readme_sections_in_order():
@@ -138,6 +176,38 @@ def test_every_shown_command_parses(name):
             check_command(argv)
         except Exception as error:
             raise AssertionError(f'{name}: {line}\n{error}') from None
+
+
+@pytest.mark.parametrize('name', doc_names())
+def test_every_inline_command_parses(name):
+    for line, argv in inline_main_py_commands(read(name)):
+        try:
+            check_command(argv)
+        except Exception as error:
+            raise AssertionError(f'{name}: `{line}`\n{error}') from None
+
+
+@pytest.mark.parametrize('name', doc_names())
+def test_benchmark_commands_name_scripts_and_options_that_exist(name):
+    for line, script, options in benchmark_commands(read(name)):
+        path = os.path.join(REPO_ROOT, script)
+        assert os.path.isfile(path), f'{name}: {line}: no {script}'
+        source = open(path).read()
+        for option in options:
+            assert f"'{option}'" in source, f'{name}: {line}: {script} has no option {option}'
+
+
+def test_inline_and_benchmark_commands_are_found():
+    text = ('| a | `python main.py --class_name bottle --seed 0` | `python main.py --NAME VALUE` |\n'
+            '```bash\npython benchmarks/speed.py --components breakdown \\\n    --flow_kernels default\n```\n'
+            'run `bash benchmarks/evidence_runs.sh` or `python benchmarks/views.py --repeats 3`\n')
+    assert inline_main_py_commands(text) == [('python main.py --class_name bottle --seed 0',
+                                              ['--class_name', 'bottle', '--seed', '0'])]
+    assert [(script, options) for _, script, options in benchmark_commands(text)] == [
+        ('benchmarks/speed.py', ['--components', '--flow_kernels']), ('benchmarks/evidence_runs.sh', []),
+        ('benchmarks/views.py', ['--repeats'])]
+    total = sum(len(inline_main_py_commands(read(name))) + len(benchmark_commands(read(name))) for name in doc_names())
+    assert total >= 10
 
 
 def test_commands_are_found_in_readme_and_docs():
