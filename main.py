@@ -4,9 +4,9 @@
     python main.py --dataset_path ../shared/data/mvtec --class_name bottle
     python main.py --help                            # every setting of config.py, overridable here
 
-The story: read config.py and the command line, then run the command: training (jobs.py runs the
-(class, seed) jobs one after another; sweep.py shares them out under torchrun), or scoring new images with
-a checkpoint (scoring.py). Each job finds the class's images, builds the network with ImageNet AlexNet
+The story: read config.py and the command line, then run the command: training (runner/jobs.py runs the
+(class, seed) jobs one after another; runner/sweep.py shares them out under torchrun), or scoring new images
+with a checkpoint (deployment/scoring.py), or exporting one (deployment/export.py). Each job finds the class's images, builds the network with ImageNet AlexNet
 weights, trains the flow, prints the AUROC after every meta epoch and writes results.json (docs/architecture.md).
 """
 import argparse

@@ -203,7 +203,7 @@ def log_evaluation(verbose, meta_epoch, test_loss, auroc, observer):
 def train_class(model, train_samples, test_samples, config, device, on_meta_epoch=None, resume_path=None):
     """Trains the flow of `model` on `train_samples`, evaluating on `test_samples` after every meta epoch.
 
-    Samples are utils.Sample. Returns the history: AUROC and test loss per meta epoch, train loss per sub
+    Samples are image_data.image_files.Sample. Returns the history: AUROC and test loss per meta epoch, train loss per sub
     epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores of the last and of
     the best meta epoch, the wall time. `on_meta_epoch(meta_epoch, history, scores, is_new_max)`, if given,
     is called after each evaluation. With `resume_path`, the state after a meta epoch is written there (at

@@ -191,6 +191,8 @@ def resumed_config(saved, given, results_dir):
             values[name] = defaults[name]
             lines.append(f'resume: setting {name} is newer than the run; it takes its default {defaults[name]!r}')
     for name, value in given.items():
+        if name in PATH_SETTINGS and value:
+            value = os.path.abspath(value)  # as the run stored it
         if same_value(value, values[name]):
             continue
         if name not in RESUMABLE_SETTINGS:

@@ -36,7 +36,7 @@ def checkpoint_bytes(config):
 
 
 def resume_state_bytes(config):
-    """Size of one resume state: the flow and Adam's two moments per parameter (train.save_resume_state)."""
+    """Size of one resume state: the flow and Adam's two moments per parameter (base/resume_state.save_resume_state)."""
     return 3 * flow_parameter_count(config) * BYTES_PER_VALUE
 
 

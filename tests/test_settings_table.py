@@ -103,6 +103,15 @@ def test_resume_applies_what_changes_no_number_and_refuses_the_rest():
         resumed_config(saved, {'num_workers': 2}, 'results/run')
 
 
+def test_resume_compares_paths_as_stored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = stored_config(build_config(dataset_path='data'))
+    config, _ = resumed_config(saved, {'dataset_path': 'data'}, 'results/run')  # the same folder, typed relative
+    assert config.dataset_path == str(tmp_path / 'data')
+    with pytest.raises(UserError, match='--dataset_path'):
+        resumed_config(saved, {'dataset_path': 'other'}, 'results/run')
+
+
 def test_resume_reports_settings_this_code_does_not_know(monkeypatch):
     import base.settings as settings
     saved = {**vars(build_config()), 'old_speed_flag': True}
