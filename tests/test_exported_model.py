@@ -1,21 +1,17 @@
-"""A trained model put to work: the ONNX export scores as PyTorch does, scores on 0..1, scoring from Python."""
+"""A trained model put to work: scores on 0..1, scoring from Python (the ONNX export: test_onnx_export.py)."""
 import os
 import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import DATA_DIR, REPO_ROOT
 from image_data.demo_data import generate_demo_dataset
 from base.errors import UserError
-from deployment.export import check_description, onnx_scores
 from main import main
 from deployment.scoring import Scorer
 from base.thresholds import normalized_scores, score_normalization
-from utils import MultiViewDataset
-from image_data.image_files import Sample
 from image_data.layouts import find_class_samples
 
 TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_internal', '16',
@@ -39,44 +35,6 @@ def trained(tmp_path_factory):
         _, test = find_class_samples(str(root), 'demo_washer')
         images = [sample.path for sample in test]
     return str(out / 'demo_washer_checkpoint.pt'), images
-
-
-def test_onnx_export_scores_real_images_as_pytorch_does(trained, tmp_path, capsys):
-    checkpoint, images = trained
-    onnx_path = tmp_path / 'exported' / 'washer.onnx'
-    assert main(['--export', str(onnx_path), '--checkpoint', checkpoint, '--device', 'cpu']) == 0
-    assert 'onnxruntime scores views as PyTorch does' in capsys.readouterr().out
-    description = check_description(str(onnx_path.with_suffix('.json')), str(onnx_path))
-    assert description['input']['shape'] == ['N', 3, 64, 64] and description['views']['per_image'] == 4
-    assert description['views']['angles_degrees'] == [0.0, 90.0, 180.0, 270.0]
-    scorer = Scorer(checkpoint)
-    expected = scorer.score(images)
-    # the views as the JSON says, made here with the dataset's fixed rotations, scored by onnxruntime alone
-    dataset = MultiViewDataset([Sample(path, -1, '') for path in images], 4, scorer.settings, fixed_rotations=True)
-    for index, result in enumerate(expected):
-        views = dataset.views_of(index, torch.device('cpu')).numpy()
-        raw = float(np.mean(onnx_scores(str(onnx_path), views)))
-        assert raw == pytest.approx(result.raw, rel=1e-4)
-        # the JSON's formula gives the 0..1 score from a raw score, as the Scorer does
-        assert normalized_scores([result.raw], description['normalized_score'])[0] == pytest.approx(result.score,
-                                                                                                  abs=1e-12)
-        assert normalized_scores([raw], description['normalized_score'])[0] == pytest.approx(result.score, abs=1e-3)
-        assert (raw > description['threshold']) == result.anomalous
-
-
-def test_an_export_description_that_does_not_match_its_model_is_refused(trained, tmp_path):
-    checkpoint, _ = trained
-    onnx_path = tmp_path / 'a.onnx'
-    assert main(['--export', str(onnx_path), '--checkpoint', checkpoint, '--device', 'cpu']) == 0
-    other = tmp_path / 'b.onnx'
-    other.write_bytes(onnx_path.read_bytes() + b'\0')
-    with pytest.raises(UserError, match='does not describe .*b.onnx'):
-        check_description(str(onnx_path.with_suffix('.json')), str(other))
-    (tmp_path / 'bad.json').write_text('{"format": "something"}')
-    with pytest.raises(UserError, match='is not a DifferNet export description'):
-        check_description(str(tmp_path / 'bad.json'), str(onnx_path))
-    assert main(['--export', str(tmp_path / 'x.txt'), '--checkpoint', checkpoint]) == 2
-    assert main(['--export', str(tmp_path / 'x.onnx'), '--checkpoint', str(tmp_path / 'bad.json')]) == 2
 
 
 def test_scores_on_0_to_1_are_monotone_with_the_threshold_at_one_half():
