@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import ndimage
 from torchvision import transforms
 
+from base.atomic_files import replace_atomically
 from base.file_names import map_png_name
 from base.metrics import AUPRO_MAX_FPR, pixel_auroc, pixel_metrics
 from base.settings import settings_group
@@ -134,8 +135,10 @@ def save_map_png(path, image, heat_map, mask, title):
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    try:  # whole or not at all: --resume after a failure writes it again
+        replace_atomically(path, lambda part: figure.savefig(part, format='png'))
+    finally:
+        plt.close(figure)
 
 
 def display_image(image_path, img_size):

@@ -13,10 +13,11 @@ import argparse
 import difflib
 import logging
 import re
+import shlex
 import signal
 import sys
 
-from base.errors import UserError
+from base.errors import RunStopped, UserError
 from base.launch import RankZeroError, prefix_stderr, torchrun_launch
 from base.logs import configure_logging
 from base.settings import AUTO_SETTINGS, build_config, config_comments, config_defaults, parse_value, resumed_config
@@ -80,20 +81,20 @@ def raise_keyboard_interrupt(signal_number, frame):
 
 
 def run_command(argv, launch):
-    """Runs the command of `argv`; returns (failed runs, runs done)."""
+    """Runs the command of `argv`; returns (failed runs, runs done, the results folder or None)."""
     config, args = parse_command_line(argv)
     if args.export:
         if launch or args.score:
             raise UserError('--export runs alone in one process: python main.py --export FILE --checkpoint FILE')
         from deployment.export import export_command  # loads torch and onnxruntime: only for this command
         export_command(config, args)
-        return 0, 1
+        return 0, 1, None
     if args.score or args.checkpoint:
         if launch:
             raise UserError('--score runs in one process: python main.py --score ..., not under torchrun')
         from deployment.scoring import score_command  # the command's modules load torch: only now, not for --help
         score_command(config, args)
-        return 0, 1
+        return 0, 1, None
     from runner.jobs import run
     from runner.run_folder import load_run_to_resume
     from runner.sweep import run_sweep
@@ -104,14 +105,15 @@ def run_command(argv, launch):
         resume = (args.resume, previous)
         logger.info('\n'.join([f'Resuming {args.resume} with its own configuration'] + changes))
     if launch:
-        _, n_failed, n_done = run_sweep(config, launch, resume)
-        return (0, 1) if launch.rank != 0 else (n_failed, n_done)
-    _, n_failed, n_done = run(config, resume)
-    return n_failed, n_done
+        results_dir, n_failed, n_done = run_sweep(config, launch, resume)
+        return (0, 1, results_dir) if launch.rank != 0 else (n_failed, n_done, results_dir)
+    results_dir, n_failed, n_done = run(config, resume)
+    return n_failed, n_done, results_dir
 
 
 def main(argv=None):
-    """Exit status: 0 all runs done, 1 some failed, 2 nothing could run (user error), 130 interrupted.
+    """Exit status: 0 all runs done, 1 some failed or a bug stopped the run, 2 nothing could run (user error),
+    130 interrupted.
 
     Under torchrun with two or more processes the runs are a sweep (sweep.py): every process takes jobs;
     rank 0 merges and exits with the status of the whole sweep, the others with 0 (2 or 130 as above).
@@ -124,11 +126,13 @@ def main(argv=None):
     restore_output = prefix_stderr(launch) if launch else None
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C
     try:
-        n_failed, n_done = run_command(argv, launch)
+        n_failed, n_done, results_dir = run_command(argv, launch)
     except UserError as error:
         if not isinstance(error, RankZeroError):
             print(f'error: {error}', file=sys.stderr)
         return 2
+    except RunStopped:  # its traceback and the line saying how to continue are printed
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
@@ -136,7 +140,8 @@ def main(argv=None):
         if restore_output:
             restore_output()
     if n_failed:
-        print(f'error: {n_failed} run(s) failed; see above and results.md', file=sys.stderr)
+        print(f'error: {n_failed} run(s) failed; see above and results.md; after fixing the cause, continue with: '
+              f'python main.py --resume {shlex.quote(results_dir)}', file=sys.stderr)
         return 1 if n_done else 2
     return 0
 

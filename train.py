@@ -14,8 +14,8 @@ import torch
 
 from base.atomic_files import WriteFailed
 from base.metrics import auroc_or_nan
-from base.resume_state import load_resume_state, save_resume_state
-from base.settings import settings_group
+from base.resume_state import apply_resume_state, read_resume_state, save_resume_state
+from base.settings import job_number_settings, settings_group
 from freia_funcs import nll_loss
 from model import (POOL_VIEW_SEED_OFFSET, TEST_VIEW_SEED_OFFSET, batch_features, dataset_features, score_view_features,
                    seeded_view_features)
@@ -109,16 +109,30 @@ class TrainingState:
         self.scores = self.best_scores = None
         self.first_meta_epoch, self.elapsed_before = 0, 0.0
 
-    def resume_from(self, path, model, optimizer):
-        """Continues from the state --resume wrote at `path` (flow, Adam, history, random streams)."""
-        state = load_resume_state(path, model, optimizer)
+    def resume_from(self, path, state, model, optimizer):
+        """Continues from a state of read_resume_state (flow, Adam, history, random streams) read at `path`."""
+        apply_resume_state(path, state, model, optimizer)
         self.history = state['history']
         for epoch, auroc in enumerate(self.history['auroc']):
             self.observer.update(auroc, epoch)
         self.scores, self.best_scores = np.array(state['scores']), np.array(state['best_scores'])
         self.elapsed_before = state['elapsed_s']
         self.first_meta_epoch = state['meta_epoch'] + 1
-        logger.info(f'resumed after meta epoch {state["meta_epoch"]} from {path}')
+        done = ' (the last: training is done, the checkpoint and results follow)' if state['optimizer'] is None else ''
+        logger.info(f'resumed after meta epoch {state["meta_epoch"]}{done} from {path}')
+
+    def write(self, path, meta_epoch, model, optimizer, settings, test_labels, elapsed):
+        """Writes the state after `meta_epoch` for --resume (`optimizer` None after the last); returns whether
+        it was written (a full disk is a warning: an earlier state, if any, stays whole and --resume starts
+        there)."""
+        try:
+            save_resume_state(path, meta_epoch, model, optimizer, self.history, self.scores, self.best_scores,
+                              self.elapsed_before + elapsed, settings, test_labels)
+            return True
+        except WriteFailed as error:
+            logger.warning(f'warning: {error}; training goes on without a newer resume state (tried again after '
+                           'the next meta epoch)')
+            return False
 
     def record_evaluation(self, meta_epoch, scores, test_loss, auroc):
         """Adds one meta epoch's evaluation; returns True when its AUROC is a new maximum."""
@@ -207,17 +221,24 @@ def train_class(model, train_samples, test_samples, config, device, on_meta_epoc
     epoch, last and max AUROC with the 0-based meta epoch of the max, the test scores of the last and of
     the best meta epoch, the wall time. `on_meta_epoch(meta_epoch, history, scores, is_new_max)`, if given,
     is called after each evaluation. With `resume_path`, the state after a meta epoch is written there (at
-    most every resume_interval_s), and a state found there at the start is continued from. Raises
-    TrainingDiverged on a NaN/inf loss.
+    most every resume_interval_s, and always after the last), and a state found there at the start is
+    continued from: the one after the last meta epoch returns its history at once. Raises TrainingDiverged
+    on a NaN/inf loss.
     """
     start = time.time()
     model.prepare(settings_group(config, 'numerics'), device)
     optimizer = make_optimizer(model.nf, settings_group(config, 'training'))
     state = TrainingState()
+    settings = job_number_settings(config)
+    saved = read_resume_state(resume_path, settings) if resume_path and os.path.isfile(resume_path) else None
+    if saved is not None and saved['meta_epoch'] == config.meta_epochs - 1:
+        # trained before a failure after training: no views to extract, straight to what follows
+        state.resume_from(resume_path, saved, model, optimizer)
+        return state.finished_history(saved['test_labels'], time.time() - start)
     test_features_of, test_labels = test_features_source(model, test_samples, config, device)
     sub_epoch_batches = training_batches_source(model, train_samples, config, device)
-    if resume_path and os.path.isfile(resume_path):
-        state.resume_from(resume_path, model, optimizer)
+    if saved is not None:
+        state.resume_from(resume_path, saved, model, optimizer)
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
     last_state_write = start
     for meta_epoch in range(state.first_meta_epoch, config.meta_epochs):
@@ -239,17 +260,13 @@ def train_class(model, train_samples, test_samples, config, device, on_meta_epoc
         scores, test_loss, auroc = evaluate(model, test_features_of(meta_epoch), test_labels, config.batch_size_test)
         is_new_max = state.record_evaluation(meta_epoch, scores, test_loss, auroc)
         log_evaluation(config.verbose, meta_epoch, test_loss, auroc, state.observer)
-        # after the last meta epoch nothing is left to resume; between writes at most resume_interval_s
-        # of training is redone by --resume (each write holds the flow and Adam's moments)
-        if resume_path and meta_epoch < config.meta_epochs - 1 and \
-                time.time() - last_state_write >= config.resume_interval_s:
-            try:
-                save_resume_state(resume_path, meta_epoch, model, optimizer, state.history, scores,
-                                  state.best_scores, state.elapsed_before + time.time() - start)
-            except WriteFailed as error:  # an earlier state, if any, stays whole: --resume starts there
-                logger.warning(f'warning: {error}; training goes on without a newer resume state')
-                resume_path = None
-            last_state_write = time.time()
+        last = meta_epoch == config.meta_epochs - 1
+        # between writes at most resume_interval_s of training is redone by --resume; the state after the
+        # last meta epoch is always written, so that a failure after training costs no training again
+        if resume_path and (last or time.time() - last_state_write >= config.resume_interval_s):
+            if state.write(resume_path, meta_epoch, model, None if last else optimizer, settings, test_labels,
+                           time.time() - start):
+                last_state_write = time.time()
         if on_meta_epoch is not None:
             on_meta_epoch(meta_epoch, state.history, scores, is_new_max)
     return state.finished_history(test_labels, time.time() - start)

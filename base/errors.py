@@ -1,4 +1,5 @@
-"""Mistakes in the input that the user can fix: raised anywhere, printed by main.py in one line (exit 2).
+"""Mistakes in the input that the user can fix: raised anywhere, printed by main.py in one line (exit 2); a
+run stopped by a bug (exit 1).
 
 Imports nothing, so that main.py catches them without loading torch.
 """
@@ -15,3 +16,8 @@ class DataProblems(UserError):
         self.problems = problems
         lines = [f'class {class_name}: {len(problems)} unusable file(s) or folder(s); fix or remove them:']
         super().__init__('\n'.join(lines + [f'  - {path}: {reason}' for path, reason in problems]))
+
+
+class RunStopped(Exception):
+    """A run stopped by an unexpected error (a bug): its traceback and the line saying how to continue are
+    printed already; main.py exits with status 1."""

@@ -22,6 +22,7 @@ CONFIG_FILE = os.path.join(REPO_ROOT, 'config.py')
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
 FLOW_KERNELS = ('auto', 'default', 'onednn')
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
+PER_RUN_SETTINGS = ('class_name', 'seeds')  # which jobs a run has, not the numbers of one of them
 
 
 def same_value(value, other):
@@ -166,6 +167,14 @@ def stored_config(config):
         if values.get(name):
             values[name] = os.path.abspath(values[name])
     return values
+
+
+def job_number_settings(config):
+    """{name: value} of the settings that decide the numbers of one (class, seed) job and that --resume may not
+    change, paths absolute as stored_config keeps them: what a resume state must have been computed with."""
+    values = stored_config(config)
+    return {name: values[name] for name, row in SETTINGS.items()
+            if row.changes_numbers and name not in RESUMABLE_SETTINGS and name not in PER_RUN_SETTINGS}
 
 
 def resumed_config(saved, given, results_dir):

@@ -247,7 +247,7 @@ def full_run(mode, args):
         entry = json.load(handle)['classes'][0]
     print(f'full run {mode:9s} {args.class_name} {len(entry["auroc"])} x {entry["train_loss"] and len(entry["train_loss"][0])} '
           f'epochs: {wall / 60:6.1f} min wall (process start to exit), peak resident memory '
-          f'{entry["peak_rss_gib"]:.2f} GiB, last AUROC {entry["last_auroc"]:.4f}, max {entry["max_auroc"]:.4f} '
+          f'{entry.get("job_peak_rss_gib", entry.get("process_peak_rss_gib")):.2f} GiB, last AUROC {entry["last_auroc"]:.4f}, max {entry["max_auroc"]:.4f} '
           f'(epoch {entry["max_auroc_epoch"]}); {out}', flush=True)
 
 

@@ -11,7 +11,7 @@ from base.file_names import map_png_name
 from reporting.references import as_float, runs_by_class
 from base.file_names import file_stem
 from reporting.summary import (F1_HEADER, REFERENCE_COLUMNS, build_summary, failure_text, in_progress_text, mean_std_text,
-                     summary_header)
+                     memory_text, summary_header)
 
 MAX_GALLERY_MAPS = 12  # gradient maps shown per class in report.html: enough to judge them, the page stays small
 REPORT_CSS = """
@@ -150,7 +150,8 @@ def class_section_html(results_dir, run, stem):
     """A run's section: ROC curve, score histogram, AUROC per defect type, the gradient-map gallery."""
     parts = [f'<h2 id="{html.escape(stem)}">{html.escape(run["class_name"])} (seed {run["seed"]})</h2>',
              f'<p class="meta">{run.get("n_train_images", "?")} training images, {run.get("n_test_images", "?")} test '
-             f'images; status {html.escape(str(run.get("status", "")))}; {as_float(run.get("wall_time_s")):.0f} s</p>',
+             f'images; status {html.escape(str(run.get("status", "")))}; {as_float(run.get("wall_time_s")):.0f} s'
+             + (f'; {html.escape(memory_text(run))}' if memory_text(run) else '') + '</p>',
              side_by_side([(os.path.join(results_dir, f'{stem}_roc.png'), f'{stem} ROC curve'),
                            (os.path.join(results_dir, f'{stem}_scores.png'), f'{stem} score histogram')])]
     defect_types = sorted(set(run.get('defect_type_auroc_last', {})) | set(run.get('defect_type_auroc_best', {})))

@@ -62,11 +62,12 @@ def results_csv(results, summary=None):
     writer.writerows(row + cells for row, cells in zip(summary['rows'], summary['csv_references']))
     writer.writerow([])
     writer.writerow(['class', 'seed', 'last_auroc', 'max_auroc', 'max_auroc_epoch', 'wall_time_s', 'f1_max_last',
-                     'f1_max_threshold_last', 'f1_at_checkpoint_threshold'])
+                     'f1_max_threshold_last', 'f1_at_checkpoint_threshold', 'job_peak_rss_gib', 'job_peak_gpu_gib'])
     for run in results['classes']:
         writer.writerow([run['class_name'], run['seed'], run['last_auroc'], run['max_auroc'],
                          run['max_auroc_epoch'], run['wall_time_s'], run.get('f1_max_last'),
-                         run.get('f1_max_threshold_last'), run.get('f1_at_checkpoint_threshold')])
+                         run.get('f1_max_threshold_last'), run.get('f1_at_checkpoint_threshold'),
+                         run.get('job_peak_rss_gib'), run.get('job_peak_gpu_gib')])
     return buffer.getvalue()
 
 

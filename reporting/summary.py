@@ -171,3 +171,18 @@ def in_progress_text(entry):
     aurocs = ', '.join('n/a' if a is None or math.isnan(a) else f'{a:.4f}' for a in entry['auroc'])
     return (f"In progress: {entry['class_name']} (seed {entry['seed']}), {len(entry['auroc'])} meta epoch(s) "
             f'finished, AUROC per meta epoch: {aurocs}')
+
+
+def memory_text(run):
+    """The peak memory of a job, as measured: for that job alone (job_peak_rss_gib, job_peak_gpu_gib), or
+    the process's peak so far where that could not be measured, or in results written before it was
+    (peak_rss_gib); '' when the entry holds none."""
+    parts = []
+    if run.get('job_peak_rss_gib') is not None:
+        parts.append(f"{run['job_peak_rss_gib']:.2f} GiB resident")
+    if run.get('job_peak_gpu_gib') is not None:
+        parts.append(f"{run['job_peak_gpu_gib']:.2f} GiB on the GPU")
+    if parts:
+        return 'peak memory of this job: ' + ', '.join(parts)
+    process_peak = run.get('process_peak_rss_gib', run.get('peak_rss_gib'))
+    return '' if process_peak is None else f'peak memory of the process up to this job: {process_peak:.2f} GiB resident'

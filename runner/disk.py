@@ -1,4 +1,4 @@
-"""What a run writes to disk: the size of its checkpoints, resume states and feature-cache files, said
+"""What a run writes to disk: the size of its checkpoints, resume states, results and feature-cache files, said
 before it starts, and checked against the free space where each goes."""
 import os
 
@@ -10,6 +10,12 @@ from base.errors import UserError
 from model import N_FEATURES_PER_SCALE, build_flow
 
 BYTES_PER_VALUE = 4  # float32 parameters and Adam moments
+# a job's results beside its checkpoint, about twice what MVTec bottle wrote (0.7 MB, gradient maps of 220 to
+# 240 kB): its entry in results.json/md/csv, its score list, two plots and its section of report.html (up to 12
+# gradient maps), each file written beside the old one before it goes; with grad_map_viz a PNG per anomalous
+# test image (960 x 360 pixels whatever the image size)
+RESULTS_BYTES_PER_JOB = 2_000_000
+MAP_PNG_BYTES = 500_000
 
 
 def flow_parameter_count(config):
@@ -53,7 +59,8 @@ def disk_text(config, n_jobs, running_at_once=1):
         per_running_job = resume_state_bytes(config)
         at_once = f', {running_at_once} at once: {size_text(running_at_once * per_running_job)}' \
             if running_at_once > 1 else ''
-        states = f'{size_text(per_running_job)} per running job for its resume state (removed when the job ends{at_once})'
+        states = (f'{size_text(per_running_job)} per running job for its resume state (removed when the job has '
+                  f'finished, kept for --resume when it fails{at_once})')
     else:
         states = 'no resume states (resume_state = False)'
     return f'disk: {checkpoints}; {states}'
@@ -71,18 +78,30 @@ def feature_cache_bytes(config, n_train, n_test):
     return views * per_view
 
 
+def results_bytes(config, n_test):
+    """What one job's results take (RESULTS_BYTES_PER_JOB; with grad_map_viz at most a map per test image)."""
+    return RESULTS_BYTES_PER_JOB + (n_test * MAP_PNG_BYTES if config.grad_map_viz else 0)
+
+
 def space_needs(config, results_dir, job_sizes, running_at_once=1):
-    """{folder: [(what, bytes)]} that the run will write: every job's checkpoints (and one more being
-    written), the resume states of the jobs running at once (each rewritten beside the last: twice), the
-    feature-cache files. `job_sizes` is [(training images, test images)] per job still to run."""
+    """{folder: [(what, bytes)]} that the run will write, counted as it is written: each job's checkpoint
+    once (a file replaced, by --resume or a best checkpoint at a new maximum, is written beside the old one,
+    which is on disk already: the replacement needs free space for the new one only, once more per running
+    job for best checkpoints), the resume states of the jobs running at once (a state, and the next one
+    written beside it), each job's results, the feature-cache files. `job_sizes` is [(training images, test
+    images)] per job still to run."""
     needs = {results_dir: [], config.feature_cache_dir: []}
-    per_job = int(config.save_checkpoint) + int(config.save_best)
-    if per_job and job_sizes:
-        count = per_job * len(job_sizes)
-        needs[results_dir].append((f'{count} checkpoint file(s)', (count + 1) * checkpoint_bytes(config)))
-    if config.resume_state and job_sizes:
-        needs[results_dir].append(('resume states', 2 * min(running_at_once, len(job_sizes)) *
-                                   resume_state_bytes(config)))
+    n_jobs, at_once = len(job_sizes), min(running_at_once, len(job_sizes))
+    if config.save_checkpoint and n_jobs:
+        needs[results_dir].append((f'{n_jobs} checkpoint file(s)', n_jobs * checkpoint_bytes(config)))
+    if config.save_best and n_jobs:
+        needs[results_dir].append((f'{n_jobs} best checkpoint file(s), each replaced at a new maximum',
+                                   (n_jobs + at_once) * checkpoint_bytes(config)))
+    if config.resume_state and n_jobs:
+        needs[results_dir].append((f'the resume states of {at_once} running job(s), each with the next beside it',
+                                   2 * at_once * resume_state_bytes(config)))
+    if n_jobs:
+        needs[results_dir].append(('results', sum(results_bytes(config, n_test) for _, n_test in job_sizes)))
     if config.feature_cache:
         cache = sum(feature_cache_bytes(config, n_train, n_test) for n_train, n_test in job_sizes)
         if cache:

@@ -4,8 +4,6 @@ ends with. main.py runs it in one process; sweep.py hands its jobs to the proces
 """
 import logging
 import os
-import resource
-import sys
 
 import torch
 
@@ -13,6 +11,7 @@ from base.atomic_files import WriteFailed, remove_stale_temporaries
 from base.errors import UserError
 from base.file_names import file_stem
 from base.hardware import bf16_pays_off, choose_flow_kernel, choose_precision, resolve_device
+from base.job_memory import JobMemory
 from base.metrics import defect_type_aurocs, f1_at_threshold, f1_max
 from base.settings import (deviations_from_paper, requested_class_names, run_seeds, settings_group, stored_config,
                            validate_config, with_values)
@@ -24,6 +23,9 @@ from localization import localize_class
 from model import build_model, fixed_rotation_features, save_checkpoint, score_view_features
 from reporting.results_files import results_markdown, write_results_files
 from runner.disk import check_free_space, disk_text, space_needs
+from runner.failures import (continue_command, failed_jobs_text, failure_line, failure_message, finished_whole,
+                             is_out_of_memory, remove_finished_states, remove_resume_state, resume_state_path,
+                             stopped_by_bug)
 from runner.run_folder import finished_entries, fresh_results_dir
 from train import TrainingDiverged, seed_everything, train_class
 
@@ -33,9 +35,6 @@ POOL_WARNING = ('warning: train_feature_pool {pool} draws training views from a 
                 'rotation-symmetric) the flow memorizes it: AUROC peaked near 0.85 and fell to 0.75 within 8 x 8 '
                 'epochs, in fp32 and bf16 alike, where the official on-line views reached 0.92 (docs/performance.md); '
                 '0, the on-line views, is the safe choice')
-OUT_OF_MEMORY_HINT = ('out of memory on {device} in class {class_name}: lower batch_size ({batch_size}), '
-                      'extract_batch_size ({extract_batch_size}), n_transforms_test ({n_transforms_test}) '
-                      'or train_feature_pool ({train_feature_pool}), or use --device cpu')
 
 
 def class_names(config):
@@ -109,12 +108,15 @@ def start_run(config, device):
     return config, names, problems
 
 
-def end_run(results_dir, results, deviations, where_else=''):
-    """What every run ends with: the summary printed, and where its files are."""
-    state_dir = os.path.join(results_dir, 'resume')
-    if os.path.isdir(state_dir) and not os.listdir(state_dir):
-        os.rmdir(state_dir)
+def end_run(results_dir, results, deviations, where_else='', on_disk=True):
+    """What every run ends with: the resume states of its finished jobs gone (when `results` are on disk), the
+    summary printed with the command that continues its failed jobs, and where its files are."""
+    if on_disk:
+        remove_finished_states(results_dir, [(entry['class_name'], entry['seed'])
+                                             for entry in results['classes'] if finished_whole(entry)])
     logger.info('\n' + results_markdown(results, deviations))
+    if results['failed']:
+        logger.info(failed_jobs_text(results_dir, results['failed']))
     logger.info(f'Results: {results_dir}/ (results.json, results.md, results.csv, auroc.png, per-class scores and '
                 f'plots{where_else})')
     logger.info(f"Report: {os.path.join(results_dir, 'report.html')} (one page with every table and plot; open it "
@@ -168,9 +170,8 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
     try:
         history = train_class(model, train_samples, test_samples, config, device, resume_path=resume_path,
                               on_meta_epoch=after_meta_epoch)
-    except TrainingDiverged as diverged:
+    except TrainingDiverged as diverged:  # run_job says it, with the command that continues
         history, status, error = diverged.history, 'diverged', str(diverged)
-        logger.error(f'error: class {class_name} stopped: {error}')
     entry = entry_of(history, status)
     entry['n_validation_images'] = len(val_samples)
     if config.n_train_images:  # the few-shot subset: which images, out of how many
@@ -178,7 +179,6 @@ def run_class(config, class_name, device, results_dir, on_meta_epoch=None, resum
         entry['train_files'] = [os.path.relpath(sample.path, config.dataset_path) for sample in train_samples]
     if status == 'done':
         entry.update(finish_class(model, config, save, test_samples, device, results_dir, stem, history))
-    entry['peak_rss_gib'] = round(peak_resident_gib(), 2)
     if error:
         entry['error'] = error
     return entry
@@ -192,8 +192,7 @@ def finish_class(model, config, save, test_samples, device, results_dir, stem, h
         checkpoint_path = os.path.join(results_dir, f'{stem}_checkpoint.pt')
         try:
             statistics = save(checkpoint_path, history)
-        except WriteFailed as error:  # the numbers are finished: they are recorded all the same
-            logger.error(f'error: {error}; the results of this class are kept, its checkpoint is not')
+        except WriteFailed as error:  # the numbers are finished: they are recorded, and --resume writes it
             return {**added, 'checkpoint_error': str(error)}
         logger.info(f'Checkpoint: {checkpoint_path}')
         added['checkpoint'] = os.path.basename(checkpoint_path)
@@ -237,12 +236,6 @@ def checkpoint_saver(model, config, weights_source, class_name, train_samples, v
     return save
 
 
-def peak_resident_gib():
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 30 if sys.platform == 'darwin' else peak / 2 ** 20
-
-
 def class_entry(config, class_name, layout, weights_source, train_samples, test_samples, history, status):
     """The results.json entry of one (class, seed) run, from its training history."""
     defect_types = [sample.defect_type for sample in test_samples]
@@ -278,54 +271,46 @@ def workload_text(config, train_samples, test_samples):
             f'{steps} flow steps ({config.meta_epochs} x {config.sub_epochs} epochs x {-(-n_train // config.batch_size)})')
 
 
-def is_out_of_memory(error):
-    return isinstance(error, MemoryError) or 'out of memory' in str(error).lower() or \
-        "can't allocate memory" in str(error).lower()
-
-
 def run_job(config, class_name, seed, device, results_dir, record, on_progress=None, catch_all=False):
-    """Runs one (class, seed) job; calls record(entry or None, failure or None) when it ends, then removes
-    its resume state (which has served). A failure is {class_name, seed, error}; a diverged run has both.
+    """Runs one (class, seed) job; calls record(entry or None, failure or None) when it ends, which returns
+    whether the job is recorded on disk. A failure is {class_name, seed, error}; a diverged run has both.
 
-    User errors and out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on
-    with the other jobs), else they propagate. KeyboardInterrupt always propagates, keeping the resume state.
+    The job's resume state is removed only once the job finished whole (runner/failures.finished_whole) and
+    is recorded: every failure keeps it, and --resume continues from it. User errors, a full disk and
+    out-of-memory fail the job; other exceptions do too with `catch_all` (a sweep goes on with the other
+    jobs), else they propagate, as KeyboardInterrupt always does.
     """
-    seed_config = with_values(config, seed=seed)
     state_path = None
     if config.resume_state:
-        os.makedirs(os.path.join(results_dir, 'resume'), exist_ok=True)
-        state_path = os.path.join(results_dir, 'resume', f'{class_name}_seed{seed}.pt')
+        state_path = resume_state_path(results_dir, class_name, seed)
+        os.makedirs(os.path.dirname(state_path), exist_ok=True)
+        remove_stale_temporaries(state_path)  # a writer killed while saving it left its temporary file
     entry = message = None
     out_of_memory = False
+    memory = JobMemory(device)
     try:
-        entry = run_class(seed_config, class_name, device, results_dir, on_progress, state_path)
+        with memory:
+            entry = run_class(with_values(config, seed=seed), class_name, device, results_dir, on_progress,
+                              state_path)
+        entry.update(memory.figures())
         if entry['status'] != 'done':
             message = entry['error']
         elif entry.get('checkpoint_error'):
             message = f"finished, but its checkpoint was not written: {entry['checkpoint_error']}"
     except Exception as error:  # MemoryError included
-        if isinstance(error, UserError):
-            message = str(error)
-            logger.error(f'error: class {class_name} (seed {seed}) failed: {message}')
-        elif isinstance(error, (RuntimeError, MemoryError)) and is_out_of_memory(error):
-            message = OUT_OF_MEMORY_HINT.format(**{**vars(config), 'device': device, 'class_name': class_name})
-            logger.error(f'error: {message}')
-            out_of_memory = True
-        elif catch_all:
-            logger.exception(f'class {class_name} (seed {seed}) failed:')
-            message = f'{type(error).__name__}: {error}'
-            logger.error(f'error: class {class_name} (seed {seed}) failed: {message}')
-        else:
+        message = failure_message(error, config, device, class_name, seed, catch_all)
+        if message is None:
             raise
+        out_of_memory = is_out_of_memory(error) and not isinstance(error, (UserError, WriteFailed))
     if out_of_memory and str(device).startswith('cuda'):
         # the failed job's tensors are freed once the exception is gone; hand their cached blocks back so
         # the next job of a sweep (or another process on this GPU) can have them
         torch.cuda.empty_cache()
-    record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
-    if state_path:
-        if os.path.isfile(state_path):
-            os.remove(state_path)
-        remove_stale_temporaries(state_path)  # a writer killed while saving it leaves its temporary file
+    if message:
+        logger.error(failure_line(class_name, seed, message, results_dir, state_path))
+    recorded = record(entry, message and {'class_name': class_name, 'seed': seed, 'error': message})
+    if state_path and recorded and finished_whole(entry):
+        remove_resume_state(state_path)
 
 
 def run(config, resume=None):
@@ -349,16 +334,23 @@ def run(config, resume=None):
                if (name, seed) not in finished]
     check_disk(config, results_dir, pending)
     try:
-        run_jobs(config, names, problems, finished, device, results_dir, results, deviations)
+        written = run_jobs(config, names, problems, finished, device, results_dir, results, deviations)
     except KeyboardInterrupt:
         write_results_or_warn(results_dir, results, deviations)
         logger.info(f'\nInterrupted. Results of the finished classes and meta epochs are in {results_dir}/.\n'
-                    f'Continue exactly where it stopped with:  python main.py --resume {results_dir}')
+                    f'Continue exactly where it stopped with:  {continue_command(results_dir)}')
         raise
-    if not write_results_or_warn(results_dir, results, deviations):  # the last chance to record them
+    except Exception as error:
+        try:
+            write_results_or_warn(results_dir, results, deviations)
+        except Exception:  # the bug may be in writing them; the one to report is the first
+            pass
+        raise stopped_by_bug(error, results_dir) from error
+    written = written or write_results_or_warn(results_dir, results, deviations)  # the last chance to record them
+    if not written:
         results['failed'].append({'class_name': '(results files)', 'seed': None,
                                   'error': f'the results files in {results_dir} could not be written'})
-    end_run(results_dir, results, deviations)
+    end_run(results_dir, results, deviations, on_disk=written)
     return results_dir, len(results['failed']), len(results['classes'])
 
 
@@ -376,10 +368,13 @@ def write_results_or_warn(results_dir, results, deviations, figures=True):
 
 def run_jobs(config, names, problems, finished, device, results_dir, results, deviations):
     """The jobs not in `finished`, one after another, `results` and its files following each meta epoch (the
-    tables) and each job (everything)."""
+    tables) and each job (everything). Returns whether the files on disk hold `results` as they are now."""
+    written = [False]
+
     def save_progress(entry):
         results['in_progress'] = entry
         write_results_or_warn(results_dir, results, deviations, figures=False)
+        written[0] = False
 
     def record(entry, failure):
         if entry is not None:
@@ -387,7 +382,8 @@ def run_jobs(config, names, problems, finished, device, results_dir, results, de
         if failure is not None:
             results['failed'].append(failure)
         results['in_progress'] = None
-        write_results_or_warn(results_dir, results, deviations)
+        written[0] = write_results_or_warn(results_dir, results, deviations)
+        return written[0]
 
     for class_name in names:
         if class_name in problems:
@@ -397,3 +393,4 @@ def run_jobs(config, names, problems, finished, device, results_dir, results, de
         for seed in run_seeds(config):
             if (class_name, seed) not in finished:
                 run_job(config, class_name, seed, device, results_dir, record, save_progress)
+    return written[0]

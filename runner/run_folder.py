@@ -7,6 +7,7 @@ import socket
 
 from base.atomic_files import read_json, write_json_atomic
 from base.errors import UserError
+from runner.failures import finished_whole
 
 JOBS_DIR = 'jobs'  # a sweep's finished jobs, one file each: jobs/<class>_seed<seed>.json
 JOB_FILE_NAME = re.compile(r'[^.].*_seed-?\d+\.json')
@@ -70,9 +71,10 @@ def read_job_files(results_dir):
 
 
 def done_entries(results):
-    """{(class, seed): entry} of the jobs that results.json's dict `results` holds as done."""
+    """{(class, seed): entry} of the jobs that results.json's dict `results` holds as finished whole (a job
+    whose checkpoint could not be written is not: --resume writes it)."""
     return {(entry['class_name'], entry['seed']): entry for entry in (results or {}).get('classes', [])
-            if entry.get('status') == 'done'}
+            if finished_whole(entry)}
 
 
 def finished_entries(results_dir, results=None):
@@ -80,7 +82,7 @@ def finished_entries(results_dir, results=None):
     then those a sweep recorded in its job files."""
     entries = done_entries(results)
     for key, record in read_job_files(results_dir).items():
-        if record['status'] == 'done':
+        if finished_whole(record['entry']):
             entries.setdefault(key, record['entry'])
     return entries
 

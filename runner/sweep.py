@@ -26,6 +26,7 @@ from base.launch import RankZeroError
 from base.logs import drop_rank_prefix
 from base.settings import deviations_from_paper, run_seeds, stored_config, with_values
 from base.settings_table import MACHINE_SETTINGS
+from runner.failures import continue_command
 from runner.jobs import check_disk, class_sizes, end_run, run_job, start_run, write_results_or_warn
 from runner.run_folder import (JOBS_DIR, done_entries, finished_entries, fresh_results_dir, read_job_files,
                                write_job_file)
@@ -105,7 +106,7 @@ def merged_results(config, names, problems, records, earlier=None):
                     classes.append(earlier_done[(class_name, seed)])
                 else:
                     failed.append({'class_name': class_name, 'seed': seed,
-                                   'error': 'not finished; --resume runs it'})
+                                   'error': 'not finished (its process stopped)'})
                 continue
             if record['entry'] is not None:
                 classes.append(record['entry'])
@@ -175,9 +176,11 @@ def take_jobs(config, plan, earlier, launch, store, device):
         def record(entry, failure, class_name=class_name, seed=seed):
             try:
                 finished.update(write_job_file(results_dir, class_name, seed, entry, failure, launch.rank))
-            except WriteFailed as error:  # --resume runs the job again
+                return True
+            except WriteFailed as error:  # --resume runs the job again, from its resume state
                 logger.error(f'error: {error}; this job is not recorded')
                 finished.update(status='not recorded', error=str(error))
+                return False
         run_job(config, class_name, seed, device, results_dir, record, catch_all=True)
         logger.info(f"job {index + 1}/{len(jobs)}: {class_name} seed {seed} {finished['status']} in "
                     f'{time.time() - started:.1f} s' + (' (error above)' if finished['error'] else ''))
@@ -205,8 +208,9 @@ def run_sweep(config, launch, resume=None):
         while store.add('ranks_finished', 0) < launch.world_size:
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        logger.info(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/. Run only the others with the same '
-                    f'torchrun options and:  main.py --resume {results_dir}')
+        logger.info(f'Interrupted. Finished jobs are in {results_dir}/{JOBS_DIR}/; the others continue where they '
+                    f'stopped with the same torchrun options and:  main.py --resume {results_dir} (or in one '
+                    f'process: {continue_command(results_dir)})')
         raise
     results = merged_results(config, plan['names'], plan['problems'], read_job_files(results_dir), earlier)
     deviations = deviations_from_paper(config)

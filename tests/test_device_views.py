@@ -117,15 +117,26 @@ def test_loss_values_reads_tensors_and_floats_in_order():
     assert loss_values([]) == []
 
 
+class StoppedAfterMetaEpoch0(Exception):
+    pass
+
+
+def stop_after_meta_epoch_0(meta_epoch, *rest):
+    raise StoppedAfterMetaEpoch0  # called after the state of the meta epoch is written
+
+
 def test_resume_state_is_loaded_onto_the_cpu(official_tree, tmp_path, monkeypatch):
     """On CUDA, map_location=device put the saved generator states on the GPU, and torch.set_rng_state
     refuses those: the state is loaded on the CPU, and load_state_dict moves the flow and Adam state."""
     config = tiny_config(meta_epochs=2, resume_interval_s=0, feature_cache=False)
     train_samples, test_samples = find_class_samples(str(official_tree), 'widget')
     resume_path = str(tmp_path / 'state.pt')
-    torch.manual_seed(0)  # writes the state after meta epoch 0 (train_class leaves it; main.py removes it)
-    whole = train_class(DifferNet(config), train_samples, test_samples, config, CPU,
-                        resume_path=resume_path)
+    torch.manual_seed(0)
+    whole = train_class(DifferNet(config), train_samples, test_samples, config, CPU)
+    torch.manual_seed(0)
+    with pytest.raises(StoppedAfterMetaEpoch0):  # leaves the state after meta epoch 0
+        train_class(DifferNet(config), train_samples, test_samples, config, CPU, on_meta_epoch=stop_after_meta_epoch_0,
+                    resume_path=resume_path)
     locations, real_load = [], torch.load
     monkeypatch.setattr(torch, 'load',
                         lambda *args, **kwargs: locations.append(kwargs.get('map_location')) or real_load(*args, **kwargs))
@@ -214,9 +225,10 @@ def test_cuda_training_resume_and_pool_run(official_tree, tmp_path, backend):
     torch.manual_seed(0)
     whole = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'))
     resume_path = str(tmp_path / 'state.pt')
-    torch.manual_seed(0)  # leaves the state after meta epoch 0 in resume_path
-    train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'),
-                resume_path=resume_path)
+    torch.manual_seed(0)
+    with pytest.raises(StoppedAfterMetaEpoch0):  # leaves the state after meta epoch 0 in resume_path
+        train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'),
+                    on_meta_epoch=stop_after_meta_epoch_0, resume_path=resume_path)
     torch.manual_seed(0)
     resumed = train_class(DifferNet(config), train_samples, test_samples, config, torch.device('cuda'), resume_path=resume_path)
     assert np.allclose(resumed['test_scores'], whole['test_scores'], rtol=1e-3)

@@ -54,7 +54,8 @@ def test_a_checkpoint_that_meets_a_full_disk_keeps_the_numbers_and_the_next_clas
     assert code == 1  # a failure is reported at the end
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if 'widget_checkpoint.pt' in line and line.startswith('error:'))
-    assert 'free in' in line and 'its checkpoint is not' in line
+    assert 'free in' in line and 'its checkpoint was not written' in line
+    assert line.endswith(f'continue with: python main.py --resume {out}')  # from its resume state: no training
     results = json.loads((out / 'results.json').read_text())
     widget, gadget = results['classes']
     assert widget['class_name'] == 'widget' and widget['status'] == 'done' and widget['test_scores']
@@ -108,7 +109,7 @@ def test_the_free_space_check_refuses_a_run_that_cannot_fit(two_classes, tmp_pat
     assert '--save_checkpoint false' in error and '--results_dir' in error
     needs = disk.space_needs(tiny_config(save_checkpoint=False, resume_state=False, feature_cache=False),
                              str(out), [(4, 3)])
-    assert needs == {}  # nothing to write: nothing to refuse
+    assert needs == {str(out): [('results', disk.RESULTS_BYTES_PER_JOB)]}  # the results files only
 
 
 def test_a_truncated_resume_state_is_named_in_one_line(two_classes, tmp_path, capsys):
@@ -168,7 +169,7 @@ def test_a_real_small_file_system_fills_and_nothing_is_lost(two_classes, tmp_pat
         out = mount_point / 'out'
         assert main([*common, '--results_dir', str(out)]) == 1
         printed = capsys.readouterr().out
-        assert 'widget_checkpoint.pt' in printed and 'its checkpoint is not' in printed
+        assert 'widget_checkpoint.pt' in printed and 'its checkpoint was not written' in printed, printed
         results = json.loads((out / 'results.json').read_text())
         assert [entry['class_name'] for entry in results['classes']] == ['widget', 'gadget']
         assert all(entry['test_scores'] and 'checkpoint_error' in entry for entry in results['classes'])

@@ -217,7 +217,7 @@ def test_resume_state_size_is_what_the_estimate_says(tmp_path):
     optimizer = train.make_optimizer(model.nf, config)
     train.flow_step(model, optimizer, torch.randn(8, model.n_features))  # Adam's moments exist now
     path = str(tmp_path / 'state.pt')
-    save_resume_state(path, 0, model, optimizer, {'auroc': [0.5]}, [1.0], [1.0], 1.0)
+    save_resume_state(path, 0, model, optimizer, {'auroc': [0.5]}, [1.0], [1.0], 1.0, {'lr_init': 2e-4}, [0])
     estimate = disk.resume_state_bytes(config)
     assert estimate <= os.path.getsize(path) <= estimate * 1.05 + 50_000
     save_checkpoint(str(tmp_path / 'c.pt'), model, config, 'random', {}, {})
@@ -230,7 +230,8 @@ def test_disk_line_names_what_is_off():
     paper = disk.disk_text(tiny_config(n_scales=3, n_coupling_blocks=8, fc_internal=2048, pretrained=True,
                                         save_best=True), 15, running_at_once=8)
     assert paper == ('disk: 1.38 GB per job for <class>_checkpoint.pt + <class>_best.pt (15 jobs: 20.6 GB); '
-                     '2.06 GB per running job for its resume state (removed when the job ends, 8 at once: 16.5 GB)')
+                     '2.06 GB per running job for its resume state (removed when the job has finished, kept for --resume '
+                     'when it fails, 8 at once: 16.5 GB)')
 
 
 def test_rank_prefix_writes_whole_lines():
