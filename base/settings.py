@@ -14,15 +14,15 @@ import typing
 
 import config as default_config
 from base.errors import UserError
-from base.settings_table import (AUTO_SETTINGS, GROUPS, PATH_SETTINGS, POSITIVE_INTEGERS, RESUMABLE_SETTINGS,  # noqa: F401
-                                 RETIRED_SETTINGS, SETTINGS, names_in, paper_values)
+from base.settings_table import (AUTO_SETTINGS, GROUPS, PATH_SETTINGS, PER_RUN_SETTINGS,  # noqa: F401
+                                 POSITIVE_INTEGERS, RESUMABLE_SETTINGS, RETIRED_SETTINGS, SETTINGS, names_in,
+                                 paper_values)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO_ROOT, 'config.py')
 VIEW_BACKENDS = ('auto', 'pil', 'tensor')
 FLOW_KERNELS = ('auto', 'default', 'onednn')
 MIN_ALEXNET_INPUT = 63  # smaller inputs leave nothing after AlexNet's three max-pools
-PER_RUN_SETTINGS = ('class_name', 'seeds')  # which jobs a run has, not the numbers of one of them
 
 
 def same_value(value, other):

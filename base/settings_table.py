@@ -25,6 +25,7 @@ FLAGS = {
     'positive': 'an integer of at least 1',
     'path': 'a path: results.json stores it absolute, so a run resumes from any working directory',
     'auto': "a true/false setting that also takes 'auto'",
+    'jobs': 'says which jobs a run has (classes, seeds), not the numbers of one job',
 }
 
 
@@ -44,7 +45,7 @@ ROUNDING = 'float rounding only'
 SETTINGS = {
     # --- data ---
     'dataset_path': setting('data', numbers=True, effect='which data is measured', flags='path'),
-    'class_name': setting('data', numbers=True, effect='which classes are measured'),
+    'class_name': setting('data', numbers=True, effect='which classes are measured', flags='jobs'),
     'results_dir': setting('outputs', numbers=False, effect='where results are written (with --resume: the '
                                                             'folder it names)', flags='path'),
     'img_size': setting('model views', 448, numbers=True, effect='the network input',
@@ -122,7 +123,7 @@ SETTINGS = {
                                    'image-level numbers'),
     # --- run ---
     'seed': setting('run', numbers=True, effect='which random stream; the paper states none', flags='checkpoint'),
-    'seeds': setting('run', numbers=True, effect='which random streams'),
+    'seeds': setting('run', numbers=True, effect='which random streams', flags='jobs'),
     'device': setting('run', numbers=True, flags='resume',
                       effect=f'{ROUNDING} between CPU and GPU (official: a CUDA GPU); a resumed run may move'),
     'num_workers': setting('run', 0, numbers=True,
@@ -162,3 +163,4 @@ MACHINE_SETTINGS = names_with('machine')
 POSITIVE_INTEGERS = names_with('positive')
 PATH_SETTINGS = names_with('path')
 AUTO_SETTINGS = names_with('auto')
+PER_RUN_SETTINGS = names_with('jobs')
