@@ -110,7 +110,7 @@ def merged_results(config, names, problems, records, earlier=None):
                 continue
             if record['entry'] is not None:
                 classes.append(record['entry'])
-            if record['status'] != 'done':
+            if record['status'] != 'done' or record['error']:  # a checkpoint not written fails its job too
                 failed.append({'class_name': class_name, 'seed': seed, 'error': record['error']})
     return {'config': stored_config(config), 'seeds': run_seeds(config), 'classes': classes, 'failed': failed,
             'in_progress': None}

@@ -196,6 +196,11 @@ def test_merged_results_keep_run_order_and_list_failures():
     assert results['classes'] == [entry, diverged] and results['in_progress'] is None
     assert results['failed'] == [{'class_name': 'a', 'seed': None, 'error': 'no images'},
                                  {'class_name': 'b', 'seed': 1, 'error': 'loss is nan'}]
+    without_checkpoint = {**entry, 'checkpoint_error': 'cannot write b_checkpoint.pt'}
+    records[('b', 0)] = {'status': 'done', 'entry': without_checkpoint, 'error': 'finished, but its checkpoint ...'}
+    results = sweep.merged_results(config, ['b'], {}, records)
+    assert results['classes'] == [without_checkpoint, diverged]  # its numbers are kept; --resume writes it
+    assert [failure['seed'] for failure in results['failed']] == [0, 1]
 
 
 def test_flow_parameters_counted_without_building_match_a_built_flow():
