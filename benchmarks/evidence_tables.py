@@ -67,6 +67,14 @@ def duration_text(seconds):
     return f'{hours} h {minutes} min {seconds} s' if hours else f'{minutes} min {seconds} s'
 
 
+def peak_memory_gib(entry):
+    """The job's own peak resident memory; runs from before it was measured per job hold the process's."""
+    for key in ('job_peak_rss_gib', 'peak_rss_gib', 'process_peak_rss_gib'):
+        if entry.get(key) is not None:
+            return entry[key]
+    raise KeyError(f"{entry['class_name']}: no peak memory in its results.json entry")
+
+
 def wall_time(run):
     """The one /usr/bin/time summary of a run made by one process; else results.json's wall_time_s, marked."""
     elapsed = [line.split(': ', 1)[1] for line in run['time'] if 'Elapsed (wall clock)' in line]
@@ -111,7 +119,7 @@ def runs_table(runs):
         label = labels[(machine['cpu'], machine.get('gpu', 'none'), machine['torch'])]
         rows.append(f"| `{run['name']}` | `{main_options(run)}` | {entry['last_auroc']:.4f} | "
                     f"{entry['max_auroc']:.4f} ({entry['max_auroc_epoch']}) | {wall_time(run)} | "
-                    f"{entry['peak_rss_gib']:.2f} GiB | {label} | {machine['date']} |")
+                    f"{peak_memory_gib(entry):.2f} GiB | {label} | {machine['date']} |")
     rows.append('')
     rows.append('Machines: ' + '; '.join(f"{label}: {cpu}, {'no GPU' if gpu == 'none' else gpu}, torch {torch}"
                                           for (cpu, gpu, torch), label in labels.items()) + '.')
