@@ -19,6 +19,7 @@ import torch
 
 from base.atomic_files import file_sha256, replace_atomically, write_text_atomic
 from base.errors import UserError
+from base.settings import settings_group
 from base.thresholds import decision_threshold, score_normalization, score_statistics
 from deployment.scoring import Scorer
 from image_data.image_files import Sample
@@ -137,8 +138,8 @@ def reference_root(checkpoint_path, config, reference_scores):
 def graph_image_scores(session, samples, settings):
     """Each image's score from the graph: the mean of its views' scores, the views made as Scorer makes them
     (fixed rotations, the test views' seed)."""
-    dataset = MultiViewDataset(samples, settings.n_transforms_test, settings, fixed_rotations=True,
-                               view_seed=settings.seed + TEST_VIEW_SEED_OFFSET)
+    dataset = MultiViewDataset(samples, settings.n_transforms_test, settings_group(settings, 'views'),
+                               fixed_rotations=True, view_seed=settings.seed + TEST_VIEW_SEED_OFFSET)
     return [float(np.mean(run_session(session, dataset.views_of(index, torch.device('cpu')).numpy())))
             for index in range(len(dataset))]
 

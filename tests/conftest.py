@@ -1,4 +1,5 @@
 """Shared test helpers: tiny configurations, tiny datasets, and where the reference files are."""
+import glob
 import os
 import sys
 
@@ -48,6 +49,18 @@ def tiny_config(**overrides):
     return build_config(**values)
 
 
+def read_repo_file(relative_path):
+    """The text of a file of the repository."""
+    with open(os.path.join(REPO_ROOT, relative_path)) as handle:
+        return handle.read()
+
+
+def doc_names():
+    """README.md and every docs/*.md page, as paths relative to the repository."""
+    return ['README.md'] + sorted(os.path.relpath(path, REPO_ROOT)
+                                  for path in glob.glob(os.path.join(REPO_ROOT, 'docs', '*.md')))
+
+
 def write_image(path, color=(128, 128, 128), size=(40, 40), mode='RGB'):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new(mode, size, color).save(path)
@@ -64,6 +77,15 @@ def official_tree(tmp_path):
             color = tuple(int(v) for v in rng.randint(0, 255, size=3))
             write_image(str(root / 'widget' / folder / f'{i:03d}.png'), color)
     return root
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    """The drawn demo set (image_data/demo_data.py) in a fresh folder: <root>/demo_washer/{train,test}/..."""
+    from image_data.demo_data import generate_demo_dataset
+    root = tmp_path_factory.mktemp('demo')
+    generate_demo_dataset(str(root))
+    return str(root)
 
 
 @pytest.fixture(scope='session')

@@ -13,7 +13,6 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from conftest import DATA_DIR, REPO_ROOT, cuda, tiny_config
-from image_data.demo_data import generate_demo_dataset
 from base.errors import UserError
 from model import seeded_view_features, view_features
 from utils import dataset_loader
@@ -26,13 +25,6 @@ from image_data.layouts import find_class_samples
 
 CPU = torch.device('cpu')
 BOTTLE = os.path.join(DATA_DIR, 'mvtec', 'bottle')
-
-
-@pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('demo')
-    generate_demo_dataset(str(root))
-    return str(root)
 
 
 def both_backends(samples, n_views, config, **options):

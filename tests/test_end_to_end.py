@@ -2,20 +2,10 @@
 import json
 import os
 
-import pytest
-
-from image_data.demo_data import generate_demo_dataset
 from main import main
 
 SMALL = ['--img_size', '224', '--n_scales', '2', '--fc_internal', '512', '--meta_epochs', '2',
          '--sub_epochs', '8', '--n_transforms_test', '8', '--feature_cache', 'false']
-
-
-@pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('demo')
-    generate_demo_dataset(str(root))
-    return root
 
 
 def run(demo_root, out, *extra):

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT, doc_names, read_repo_file
+
 EVIDENCE_DIR = os.path.join(REPO_ROOT, 'docs', 'evidence')
 
 
@@ -21,16 +22,6 @@ def load_script():
 
 
 evidence_tables = load_script()
-
-
-def read(path):
-    with open(os.path.join(REPO_ROOT, path)) as handle:
-        return handle.read()
-
-
-def pages():
-    return ['README.md'] + sorted(os.path.relpath(path, REPO_ROOT)
-                                  for path in glob.glob(os.path.join(REPO_ROOT, 'docs', '*.md')))
 
 
 def differences(text, written):
@@ -51,21 +42,21 @@ def written():
 
 def test_every_table_is_in_a_page(written):
     shown = set()
-    for page in pages():
-        shown.update(evidence_tables.marked_tables(read(page)))
+    for page in doc_names():
+        shown.update(evidence_tables.marked_tables(read_repo_file(page)))
     assert shown == set(written), 'python benchmarks/evidence_tables.py --markdown prints the tables to paste'
 
 
-@pytest.mark.parametrize('page', pages())
+@pytest.mark.parametrize('page', doc_names())
 def test_tables_equal_the_evidence(page, written):
-    text = read(page)
+    text = read_repo_file(page)
     assert text.count('<!-- evidence table:') == len(evidence_tables.marked_tables(text)), 'unmatched markers'
     assert not differences(text, written), (
         f'{page}: {differences(text, written)}; run `python benchmarks/evidence_tables.py --markdown --write`')
 
 
 def test_a_drifted_number_is_caught(written):
-    text = read('docs/results.md')
+    text = read_repo_file('docs/results.md')
     (number, *_) = re.findall(r'\| (0\.\d{4}) \|', text.split('<!-- evidence table: runs', 1)[1])
     drifted = text.replace(f'| {number} |', f'| {float(number) + 0.0001:.4f} |', 1)
     assert differences(drifted, written) == [('runs', 'differs from docs/evidence')]
@@ -91,7 +82,7 @@ def test_every_kept_run_has_its_time_and_machine():
 def test_readme_headline_mtd_row_is_the_kept_run():
     (mtd_full,) = [run for run in evidence_tables.load_runs() if run['name'] == 'mtd_full']
     entry = mtd_full['entry']
-    rows = [line for line in read('README.md').splitlines() if line.startswith('| MTD |')]
+    rows = [line for line in read_repo_file('README.md').splitlines() if line.startswith('| MTD |')]
     assert rows, 'README has no MTD row'
     assert f"{entry['last_auroc']:.4f}" in rows[0] and f"{entry['max_auroc']:.4f} ({entry['max_auroc_epoch']})" in rows[0]
 

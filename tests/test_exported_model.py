@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from conftest import DATA_DIR, REPO_ROOT
-from image_data.demo_data import generate_demo_dataset
 from base.errors import UserError
 from main import main
 from deployment.scoring import Scorer
@@ -20,19 +19,17 @@ TINY = ['--pretrained', 'false', '--img_size', '64', '--n_scales', '1', '--fc_in
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(demo_root, tmp_path_factory):
     """(checkpoint path, images to score): a tiny model trained on the drawn demo set; the images are real
     MVTec AD bottle test images where they are on this machine, else the demo set's test images."""
-    root = tmp_path_factory.mktemp('demo')
-    generate_demo_dataset(str(root))
     out = tmp_path_factory.mktemp('run')
-    assert main(['--dataset_path', str(root), '--class_name', 'demo_washer', '--results_dir', str(out), *TINY]) == 0
+    assert main(['--dataset_path', demo_root, '--class_name', 'demo_washer', '--results_dir', str(out), *TINY]) == 0
     bottle = os.path.join(DATA_DIR, 'mvtec')
     if os.path.isdir(os.path.join(bottle, 'bottle')):
         _, test = find_class_samples(bottle, 'bottle')
         images = [sample.path for sample in test[::20]]  # good and defective ones
     else:
-        _, test = find_class_samples(str(root), 'demo_washer')
+        _, test = find_class_samples(demo_root, 'demo_washer')
         images = [sample.path for sample in test]
     return str(out / 'demo_washer_checkpoint.pt'), images
 

@@ -22,7 +22,6 @@ from conftest import DATA_DIR, REPO_ROOT
 from deployment.export import (ViewScores, check_description, checkpoint_view_scores, graph_image_scores,
                                onnx_session, run_session)
 from deployment.scoring import Scorer
-from image_data.demo_data import generate_demo_dataset
 from image_data.image_files import Sample
 from image_data.layouts import find_class_samples
 from main import main
@@ -35,26 +34,19 @@ TINY = ['--pretrained', 'false', '--img_size', '128', '--n_scales', '2', '--fc_i
 ALL_WARNINGS = ['-W', 'always::DeprecationWarning', '-W', 'always::FutureWarning']
 
 
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp('demo')
-    generate_demo_dataset(str(root))
-    return root
-
-
-def train(demo, out, *options):
-    assert main(['--dataset_path', str(demo), '--class_name', 'demo_washer', '--results_dir', str(out), *TINY,
+def train(demo_root, out, *options):
+    assert main(['--dataset_path', str(demo_root), '--class_name', 'demo_washer', '--results_dir', str(out), *TINY,
                  *options]) == 0
     return str(out / 'demo_washer_checkpoint.pt')
 
 
 @pytest.fixture(scope='module')
-def exported(demo, tmp_path_factory):
+def exported(demo_root, tmp_path_factory):
     """(checkpoint, .onnx path, its JSON, the export's stdout and stderr): a tiny float32 model trained on the
     drawn demo set, exported by `python main.py --export` in a process that shows every DeprecationWarning and
     FutureWarning, started elsewhere than the repository (the reference images are found through the run's
     results.json)."""
-    checkpoint = train(demo, tmp_path_factory.mktemp('run'))
+    checkpoint = train(demo_root, tmp_path_factory.mktemp('run'))
     folder = tmp_path_factory.mktemp('exported')
     onnx_path = str(folder / 'washer.onnx')
     done = subprocess.run([sys.executable, *ALL_WARNINGS, os.path.join(REPO_ROOT, 'main.py'), '--export', onnx_path,
@@ -65,10 +57,10 @@ def exported(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def images(demo):
+def images(demo_root):
     """Real images to score: the demo set's test images (good and defective), and MVTec AD bottle test images
     where they are on this machine."""
-    _, test = find_class_samples(str(demo), 'demo_washer')
+    _, test = find_class_samples(str(demo_root), 'demo_washer')
     paths = [sample.path for sample in test]
     bottle = os.path.join(DATA_DIR, 'mvtec')
     if os.path.isdir(os.path.join(bottle, 'bottle')):
@@ -121,10 +113,10 @@ def test_onnx_scores_real_images_as_pytorch_does_and_decides_alike(exported, ima
     assert len(set(labels[:9])) == 2  # the demo's test images: some called good, some anomalous
 
 
-def test_the_thresholds_of_the_json_are_the_graphs_own(exported, demo):
+def test_the_thresholds_of_the_json_are_the_graphs_own(exported, demo_root):
     checkpoint, onnx_path, description, _, _ = exported
     reference = torch.load(checkpoint, weights_only=True)['reference_scores']['training']
-    samples = [Sample(os.path.join(str(demo), name), 0, '') for name in reference['files']]
+    samples = [Sample(os.path.join(str(demo_root), name), 0, '') for name in reference['files']]
     scorer = Scorer(checkpoint)
     rescored = graph_image_scores(onnx_session(onnx_path), samples, scorer.settings)
     assert description['threshold'] == threshold_at_fpr(rescored, scorer.settings.threshold_fpr)
@@ -137,17 +129,17 @@ def test_the_thresholds_of_the_json_are_the_graphs_own(exported, demo):
 
 
 @pytest.fixture(scope='module')
-def bf16_checkpoint(demo, tmp_path_factory):
-    return train(demo, tmp_path_factory.mktemp('bf16_run'), '--bf16_autocast', 'true')
+def bf16_checkpoint(demo_root, tmp_path_factory):
+    return train(demo_root, tmp_path_factory.mktemp('bf16_run'), '--bf16_autocast', 'true')
 
 
-def test_a_bfloat16_checkpoint_gets_the_threshold_of_its_float32_graph(bf16_checkpoint, demo, tmp_path):
+def test_a_bfloat16_checkpoint_gets_the_threshold_of_its_float32_graph(bf16_checkpoint, demo_root, tmp_path):
     onnx_path = tmp_path / 'bf16.onnx'
     assert main(['--export', str(onnx_path), '--checkpoint', bf16_checkpoint, '--device', 'cpu']) == 0
     description = json.loads(onnx_path.with_suffix('.json').read_text())
     scorer = Scorer(bf16_checkpoint)
     reference = scorer.checkpoint['reference_scores']['training']
-    samples = [Sample(os.path.join(str(demo), name), 0, '') for name in reference['files']]
+    samples = [Sample(os.path.join(str(demo_root), name), 0, '') for name in reference['files']]
     rescored = graph_image_scores(onnx_session(str(onnx_path)), samples, scorer.settings)
     assert description['threshold'] == threshold_at_fpr(rescored, scorer.settings.threshold_fpr)
     assert description['threshold'] != scorer.threshold  # the checkpoint's own, in bfloat16, is another

@@ -3,14 +3,13 @@
 config.py generates, and README stays short.
 
 `python tests/test_readme.py` prints the configuration table to paste into docs/configuration.md."""
-import glob
 import os
 import re
 import shlex
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, doc_names, read_repo_file
 from main import parse_command_line
 from base.settings import build_config, config_comments, config_defaults, validate_config
 
@@ -23,16 +22,6 @@ README_SECTIONS = ['Two commands', 'Real data', 'Results', 'Configuration',
 TABLE_START, TABLE_END = '<!-- config table: generated from config.py -->', '<!-- /config table -->'
 # where one machine's files lived; shown output uses ~/.cache/..., results/<run>/ instead
 MACHINE_PATHS = ('/root/', '/work/', '/home/', '/tmp/', '/Users/')
-
-
-def read(name):
-    with open(os.path.join(REPO_ROOT, name)) as handle:
-        return handle.read()
-
-
-def doc_names():
-    return ['README.md'] + sorted(os.path.relpath(path, REPO_ROOT)
-                                  for path in glob.glob(os.path.join(REPO_ROOT, 'docs', '*.md')))
 
 
 def code_blocks(text):
@@ -102,16 +91,16 @@ def configuration_table():
 
 def test_ci_runs_readme_commands_verbatim():
     readme_commands = set()
-    for block in re.findall(r'```bash\n(.*?)```', read('README.md'), flags=re.S):
+    for block in re.findall(r'```bash\n(.*?)```', read_repo_file('README.md'), flags=re.S):
         readme_commands.update(line.strip() for line in block.splitlines() if line.strip())
-    ci_commands = [line.strip() for line in read('.ci/run').splitlines()
+    ci_commands = [line.strip() for line in read_repo_file('.ci/run').splitlines()
                    if line.strip() and not line.startswith(('#', 'set ', 'cd '))]
     assert ci_commands == ['pip install -r requirements.txt', 'python -m pytest -q tests']
     assert set(ci_commands) <= readme_commands
 
 
 def test_readme_is_short():
-    size = len(read('README.md').encode())
+    size = len(read_repo_file('README.md').encode())
     assert size <= README_MAX_BYTES, f'README.md is {size} bytes; move details into docs/'
 
 
@@ -120,13 +109,13 @@ def test_docs_pages_are_short_and_no_diary():
     assert not {name: size for name, size in sizes.items() if size > PAGE_MAX_BYTES}, sizes
     assert sum(sizes.values()) <= DOCS_MAX_BYTES, f'docs/*.md hold {sum(sizes.values())} bytes; merge or cut'
     for name in doc_names():
-        text = read(name).lower()
+        text = read_repo_file(name).lower()
         found = [word for word in DIARY_WORDS if word.lower() in text]
         assert not found, f'{name} mentions {found}: say what a user does, not how a run was gathered'
 
 
 def test_readme_sections_in_order():
-    prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', read('README.md'), flags=re.S | re.M)  # shown output has headings too
+    prose = re.sub(r'^[ \t]*```.*?^[ \t]*```', '', read_repo_file('README.md'), flags=re.S | re.M)  # shown output has headings too
     headings = re.findall(r'^## (.+)$', prose, flags=re.M)
     assert headings == README_SECTIONS
 
@@ -139,13 +128,13 @@ def heading_anchors(text):
 
 
 def test_readme_links_to_existing_files():
-    targets = re.findall(r'\]\(([^)#\s]+)', read('README.md'))
+    targets = re.findall(r'\]\(([^)#\s]+)', read_repo_file('README.md'))
     assert 'docs/configuration.md' in targets and 'docs/bottle_gradient_map.png' in targets
 
 
 @pytest.mark.parametrize('name', doc_names())
 def test_links_lead_to_files_and_headings_that_exist(name):
-    for target, anchor in re.findall(r'\]\(([^)#\s]*)(?:#([^)\s]+))?\)', read(name)):
+    for target, anchor in re.findall(r'\]\(([^)#\s]*)(?:#([^)\s]+))?\)', read_repo_file(name)):
         if '://' in target:
             continue
         path = os.path.normpath(os.path.join(REPO_ROOT, os.path.dirname(name), target or os.path.basename(name)))
@@ -156,7 +145,7 @@ def test_links_lead_to_files_and_headings_that_exist(name):
 
 
 def test_configuration_md_is_the_table_config_py_generates():
-    text = read('docs/configuration.md')
+    text = read_repo_file('docs/configuration.md')
     assert TABLE_START in text and TABLE_END in text
     written = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
     assert written == configuration_table(), (
@@ -164,14 +153,14 @@ def test_configuration_md_is_the_table_config_py_generates():
 
 
 def test_every_setting_in_configuration_md():
-    text = read('docs/configuration.md')
+    text = read_repo_file('docs/configuration.md')
     for name in config_comments():
         assert f'| `{name}` |' in text, name
 
 
 @pytest.mark.parametrize('name', doc_names())
 def test_every_shown_command_parses(name):
-    for line, argv in main_py_commands(read(name)):
+    for line, argv in main_py_commands(read_repo_file(name)):
         try:
             check_command(argv)
         except Exception as error:
@@ -180,7 +169,7 @@ def test_every_shown_command_parses(name):
 
 @pytest.mark.parametrize('name', doc_names())
 def test_every_inline_command_parses(name):
-    for line, argv in inline_main_py_commands(read(name)):
+    for line, argv in inline_main_py_commands(read_repo_file(name)):
         try:
             check_command(argv)
         except Exception as error:
@@ -189,7 +178,7 @@ def test_every_inline_command_parses(name):
 
 @pytest.mark.parametrize('name', doc_names())
 def test_benchmark_commands_name_scripts_and_options_that_exist(name):
-    for line, script, options in benchmark_commands(read(name)):
+    for line, script, options in benchmark_commands(read_repo_file(name)):
         path = os.path.join(REPO_ROOT, script)
         assert os.path.isfile(path), f'{name}: {line}: no {script}'
         source = open(path).read()
@@ -206,15 +195,15 @@ def test_inline_and_benchmark_commands_are_found():
     assert [(script, options) for _, script, options in benchmark_commands(text)] == [
         ('benchmarks/speed.py', ['--components', '--flow_kernels']), ('benchmarks/evidence_runs.sh', []),
         ('benchmarks/views.py', ['--repeats'])]
-    total = sum(len(inline_main_py_commands(read(name))) + len(benchmark_commands(read(name))) for name in doc_names())
+    total = sum(len(inline_main_py_commands(read_repo_file(name))) + len(benchmark_commands(read_repo_file(name))) for name in doc_names())
     assert total >= 10
 
 
 def test_commands_are_found_in_readme_and_docs():
-    readme = [argv for _, argv in main_py_commands(read('README.md'))]
+    readme = [argv for _, argv in main_py_commands(read_repo_file('README.md'))]
     assert [] in readme  # the demo: plain `python main.py`
     assert any('--score' in argv for argv in readme)
-    assert sum(len(main_py_commands(read(name))) for name in doc_names()) >= 8
+    assert sum(len(main_py_commands(read_repo_file(name))) for name in doc_names()) >= 8
 
 
 def test_command_check_rejects_mistakes_and_reads_launchers():
@@ -242,7 +231,7 @@ def test_command_check_rejects_mistakes_and_reads_launchers():
 
 def test_shown_output_has_no_machine_paths():
     for name in doc_names():
-        text = read(name)
+        text = read_repo_file(name)
         for path in MACHINE_PATHS:
             assert path not in text, f'{name} shows {path}...; use ~/.cache/..., results/<run>/ or ../shared/...'
 
